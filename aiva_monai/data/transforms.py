@@ -1,0 +1,76 @@
+"""3D preprocessing chains (MONAI transforms) for the AIVA data sets."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.transforms import (
+    Compose,
+    EnsureTyped,
+    LoadImaged,
+    NormalizeIntensityd,
+    Orientationd,
+    ResizeWithPadOrCropd,
+    ScaleIntensityRangePercentilesd,
+    Spacingd,
+)
+
+__all__ = ["volume_transforms"]
+
+
+def volume_transforms(
+    keys: Sequence[str] = ("image", "label"),
+    image_key: str = "image",
+    pixdim: Sequence[float] | None = (1.0, 1.0, 1.0),
+    in_plane_size: Sequence[int] = (256, 256),
+    slice_axis: int = 0,
+    intensity: str = "percentile",
+    lower_percentile: float = 0.5,
+    upper_percentile: float = 99.5,
+    load: bool = True,
+) -> Compose:
+    """Load and preprocess a 3D volume for slicing.
+
+    Orientation RAS; optional resampling to ``pixdim`` mm (bilinear for the image, nearest for the
+    others); intensities either clipped at percentiles and scaled to [0, 1] (``"percentile"``, brain)
+    or to zero mean and unit variance over the volume (``"zscore"``, prostate); in-plane pad/crop to
+    ``in_plane_size`` (the slice axis keeps its length). Cached as float16 image / uint8 masks, which
+    halves (quarters) the cache; ``SliceDataset`` hands out float32.
+
+    Args:
+        keys: image and mask keys; masks may be missing (unlabelled target data).
+        image_key: the key that holds the image.
+        pixdim: target voxel size in mm, or None to keep the native grid.
+        in_plane_size: (H, W) of every slice.
+        slice_axis: the axis slices are taken along (0: sagittal, 1: coronal, 2: axial in RAS).
+        intensity: "percentile" or "zscore".
+        lower_percentile, upper_percentile: clipping percentiles for "percentile".
+        load: start with ``LoadImaged`` (False when the dicts already hold arrays).
+    """
+    keys = tuple(keys)
+    masks = tuple(k for k in keys if k != image_key)
+    spatial_size = list(in_plane_size)
+    spatial_size.insert(slice_axis, -1)
+    chain = []
+    if load:
+        chain.append(LoadImaged(keys, image_only=True, ensure_channel_first=True, allow_missing_keys=True))
+    chain.append(Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True))
+    if pixdim is not None:
+        modes = ["bilinear" if k == image_key else "nearest" for k in keys]
+        chain.append(Spacingd(keys, pixdim=tuple(pixdim), mode=modes, allow_missing_keys=True))
+    if intensity == "percentile":
+        chain.append(
+            ScaleIntensityRangePercentilesd(
+                image_key, lower=lower_percentile, upper=upper_percentile, b_min=0.0, b_max=1.0, clip=True
+            )
+        )
+    elif intensity == "zscore":
+        chain.append(NormalizeIntensityd(image_key))
+    else:
+        raise ValueError(f"intensity must be 'percentile' or 'zscore', got {intensity!r}.")
+    chain.append(ResizeWithPadOrCropd(keys, spatial_size=spatial_size, allow_missing_keys=True))
+    chain.append(EnsureTyped(image_key, dtype=torch.float16 if intensity == "percentile" else torch.float32))
+    if masks:
+        chain.append(EnsureTyped(masks, dtype=torch.uint8, allow_missing_keys=True))
+    return Compose(chain)

@@ -1,0 +1,162 @@
+"""AIVATrainer: a MONAI SupervisedTrainer that adds one unlabelled target batch per iteration."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from monai.utils import CommonKeys as Keys
+
+from aiva_monai.losses import AIVALoss
+from aiva_monai.networks import BottleneckTap
+
+__all__ = ["AIVATrainer", "ClusterAssignment"]
+
+
+@dataclass
+class ClusterAssignment:
+    """What the clustering handler hands to the trainer for one adaptation epoch.
+
+    Attributes:
+        target_labels: (n_t,) int64 CPU tensor, cluster id of every target slice by dataset index.
+        source_means: (k, D) float32 tensor on the training device.
+        match: (k,) int64 tensor, ``match[i]`` = source cluster matched to target cluster ``i``.
+        epoch: the adaptation epoch this assignment was computed for.
+    """
+
+    target_labels: torch.Tensor
+    source_means: torch.Tensor
+    match: torch.Tensor
+    epoch: int
+
+
+class AIVATrainer(SupervisedTrainer):
+    """Per iteration: one labelled source batch (the usual ``train_data_loader``) and one unlabelled
+    target batch (``target_data_loader``, cycled). Only ``target_image_key`` and ``target_index_key``
+    of a target batch are read; target labels, if present, are never touched.
+
+    The loss is ``AIVALoss``: cross-entropy on the source prediction plus lambda times the alignment of
+    the target batch's bottleneck features (recorded by a ``BottleneckTap``) to the matched source
+    cluster means. Cluster ids and means come from ``engine.state.aiva_assignment``, which an
+    ``AIVAClusteringHandler`` sets at the start of every adaptation epoch (``epoch_length`` iterations).
+
+    ``engine.state.output`` holds ``image``, ``label``, ``pred``, ``loss`` (as SupervisedTrainer) plus
+    ``seg_loss``, ``align_loss`` and ``lambda``. The standard iteration events fire in order.
+
+    Args:
+        target_data_loader: iterable of dicts with the target images and their dataset indices.
+        loss_function: an ``AIVALoss``.
+        bottleneck: module name of the bottleneck (see ``aiva_monai.networks.find_bottleneck``).
+        target_image_key: key of the target image in a target batch.
+        target_index_key: key of each target sample's index in the target dataset.
+        other args: as ``monai.engines.SupervisedTrainer`` (``epoch_length`` = iterations per
+            adaptation epoch, i.e. per re-clustering).
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        target_data_loader: Iterable,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_function: AIVALoss,
+        bottleneck: str | None = None,
+        target_image_key: str = Keys.IMAGE,
+        target_index_key: str = "index",
+        **kwargs,
+    ) -> None:
+        if not isinstance(loss_function, AIVALoss):
+            raise TypeError(f"AIVATrainer needs an aiva_monai.losses.AIVALoss, got {type(loss_function).__name__}.")
+        if kwargs.get("accumulation_steps", 1) != 1 or kwargs.get("compile", False):
+            raise ValueError("AIVATrainer supports neither gradient accumulation nor torch.compile.")
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            train_data_loader=train_data_loader,
+            network=network,
+            optimizer=optimizer,
+            loss_function=loss_function,
+            **kwargs,
+        )
+        self.target_data_loader = target_data_loader
+        self.target_image_key = target_image_key
+        self.target_index_key = target_index_key
+        self.bottleneck_tap = BottleneckTap(network, bottleneck)
+        self._target_iterator = None
+        self.state.aiva_assignment = None
+
+    def next_target_batch(self) -> dict:
+        """Next target batch, restarting (and reshuffling) the target loader when it runs out."""
+        if self._target_iterator is not None:
+            try:
+                return next(self._target_iterator)
+            except StopIteration:
+                pass
+        self._target_iterator = iter(self.target_data_loader)
+        try:
+            return next(self._target_iterator)
+        except StopIteration:
+            raise ValueError("the target data loader yields no batch: the target dataset is empty.") from None
+
+    def _iteration(self, engine: AIVATrainer, batchdata: dict) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        assignment: ClusterAssignment | None = engine.state.aiva_assignment
+        if assignment is None:
+            raise RuntimeError(
+                "no target clustering: attach an aiva_monai.handlers.AIVAClusteringHandler to the trainer."
+            )
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        inputs, targets = batch[0], batch[1]
+        args, kwargs = (batch[2], batch[3]) if len(batch) == 4 else ((), {})
+
+        target_batch = engine.next_target_batch()
+        target_inputs = torch.as_tensor(target_batch[engine.target_image_key]).to(
+            engine.state.device, non_blocking=engine.non_blocking
+        )
+        target_index = torch.as_tensor(target_batch[engine.target_index_key]).long().cpu()
+        target_clusters = assignment.target_labels[target_index]
+
+        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+
+        def _forward_and_loss():
+            engine.state.output[Keys.PRED] = engine.inferer(inputs, engine.network, *args, **kwargs)
+            engine.network(target_inputs)  # only the tapped bottleneck of the target pass is used
+            target_features = engine.bottleneck_tap.features
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            parts = engine.loss_function(
+                engine.state.output[Keys.PRED],
+                targets,
+                target_features,
+                target_clusters,
+                assignment.source_means,
+                assignment.match,
+            )
+            engine.state.output[Keys.LOSS] = parts["loss"]
+            engine.state.output["seg_loss"] = parts["seg_loss"]
+            engine.state.output["align_loss"] = parts["align_loss"]
+            engine.state.output["lambda"] = parts["lambda"]
+            engine.fire_event(IterationEvents.LOSS_COMPLETED)
+
+        if engine.amp and engine.scaler is not None:
+            with torch.autocast("cuda", **engine.amp_kwargs):
+                _forward_and_loss()
+            engine.scaler.scale(engine.state.output[Keys.LOSS]).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.scaler.step(engine.optimizer)
+            engine.scaler.update()
+        else:
+            _forward_and_loss()
+            engine.state.output[Keys.LOSS].backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.optimizer.step()
+        engine.bottleneck_tap.features = None  # drop the graph reference until the next pass
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output

@@ -1,0 +1,271 @@
+"""Ignite handlers: per-epoch clustering and matching for AIVA, and per-volume surface Dice."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.data import DataLoader
+from monai.handlers.ignite_metric import IgniteMetricHandler
+from monai.utils import CommonKeys as Keys
+from tqdm.auto import tqdm
+
+from aiva_monai.clustering import ClusterMeanAccumulator, FeatureProjector, SiteClustering, cluster_sketches
+from aiva_monai.engines import ClusterAssignment
+from aiva_monai.metrics import VolumeSurfaceDiceMetric
+
+__all__ = ["AIVAClusteringHandler", "SurfaceDiceHandler"]
+
+_ARRAY_FIELDS = ("source_labels", "target_labels", "embedding", "source_centers", "target_centers", "match")
+
+
+class AIVAClusteringHandler:
+    """Re-clusters source and target at the start of every adaptation epoch of an ``AIVATrainer``.
+
+    At ``EPOCH_STARTED`` (every ``interval`` epochs) it runs the network in eval mode over every source
+    and every target slice (no gradients), reduces each bottleneck map with a ``FeatureProjector``,
+    clusters both sites (``cluster_sketches``: joint PCA, joint t-SNE, per-site k-means, Hungarian
+    matching), then makes a second pass over the source slices to average their full bottleneck
+    features per source cluster. The trainer receives the target cluster ids and the source means as
+    ``engine.state.aiva_assignment``. Host memory stays at (n_s + n_t) x ``sketch_dim`` floats plus one
+    batch, whatever the bottleneck size.
+
+    Args:
+        source_dataset: labelled source slices (only ``image_key`` is read).
+        target_dataset: unlabelled target slices, in the order of their ``index`` values: sample ``i``
+            must carry ``index == i``, as ``aiva_monai.data.SliceDataset`` does.
+        n_clusters: k (paper: 12).
+        interval: re-cluster every this many epochs.
+        batch_size, num_workers: of the embedding passes.
+        image_key, index_key: keys of the image and of the dataset index in a sample.
+        pca_components, sketch_dim, tsne_method, perplexity, seed, n_jobs: see ``cluster_sites``.
+        progress: show a progress bar over the embedding batches.
+        name: logger name.
+
+    The clustering of the current epoch is in ``state_dict()`` / ``load_state_dict()``: save the handler
+    with the checkpoint and a run resumed mid-epoch continues with the same clusters and means.
+    """
+
+    def __init__(
+        self,
+        source_dataset,
+        target_dataset,
+        n_clusters: int = 12,
+        interval: int = 1,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        image_key: str = Keys.IMAGE,
+        index_key: str = "index",
+        pca_components: int = 20,
+        sketch_dim: int = 1024,
+        tsne_method: str = "opentsne",
+        perplexity: float = 30.0,
+        seed: int = 0,
+        n_jobs: int = -1,
+        progress: bool = True,
+        name: str | None = None,
+    ) -> None:
+        if interval < 1:
+            raise ValueError(f"interval must be at least 1, got {interval}.")
+        self.source_dataset = source_dataset
+        self.target_dataset = target_dataset
+        self.n_clusters = int(n_clusters)
+        self.interval = int(interval)
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.image_key = image_key
+        self.index_key = index_key
+        self.cluster_kwargs = dict(
+            pca_components=pca_components, tsne_method=tsne_method, perplexity=perplexity, seed=seed, n_jobs=n_jobs
+        )
+        self.sketch_dim = int(sketch_dim)
+        self.seed = int(seed)
+        self.progress = progress
+        self.logger = logging.getLogger(name or __name__)
+        self.clustering: SiteClustering | None = None
+        self.clustered_epoch: int | None = None
+        self.history: list[dict] = []
+
+    def attach(self, engine: Engine) -> None:
+        for attribute in ("bottleneck_tap", "network"):
+            if not hasattr(engine, attribute):
+                raise TypeError(f"AIVAClusteringHandler needs an AIVATrainer, got {type(engine).__name__}.")
+        for site, dataset in (("source", self.source_dataset), ("target", self.target_dataset)):
+            if len(dataset) < self.n_clusters:
+                raise ValueError(
+                    f"the {site} dataset has {len(dataset)} slices, fewer than n_clusters={self.n_clusters}."
+                )
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        epoch = engine.state.epoch
+        due = (epoch - 1) % self.interval == 0
+        if self.clustering is None or (due and self.clustered_epoch != epoch):
+            self.run_clustering(engine)
+        self._hand_over(engine)
+
+    # -- the clustering round -------------------------------------------------------------------
+
+    def _loader(self, dataset) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+
+    def _features(self, engine: Engine, dataset, site: str):
+        """Yield (bottleneck features, first dataset position) for every batch of ``dataset``, in eval mode."""
+        network, tap = engine.network, engine.bottleneck_tap
+        position = 0
+        bar = tqdm(self._loader(dataset), desc=f"AIVA embedding {site}", disable=not self.progress, leave=False)
+        for batch in bar:
+            images = torch.as_tensor(batch[self.image_key]).to(engine.state.device, non_blocking=True)
+            if self.index_key in batch:
+                index = torch.as_tensor(batch[self.index_key]).cpu()
+                if not torch.equal(index, torch.arange(position, position + len(index))):
+                    raise ValueError(
+                        f"the {site} dataset's '{self.index_key}' values must equal each sample's position; "
+                        f"got {index[:5].tolist()}... at position {position}."
+                    )
+            if engine.amp:
+                with torch.autocast("cuda", **engine.amp_kwargs):
+                    network(images)
+            else:
+                network(images)
+            features = tap.features
+            if not bool(torch.isfinite(features).all()):
+                raise ValueError(f"non-finite bottleneck features for {site} slices {position}..{position + len(images) - 1}.")
+            yield features, position
+            position += len(images)
+
+    def run_clustering(self, engine: Engine) -> SiteClustering:
+        """One clustering round; stores and returns the ``SiteClustering`` (with ``source_means``)."""
+        epoch = engine.state.epoch
+        network = engine.network
+        was_training = network.training
+        network.eval()
+        try:
+            with torch.no_grad():
+                start = time.perf_counter()
+                projector, sketches = None, {}
+                for site, dataset in (("source", self.source_dataset), ("target", self.target_dataset)):
+                    rows = []
+                    for features, _ in self._features(engine, dataset, site):
+                        if projector is None:
+                            projector = FeatureProjector(features[0].numel(), self.sketch_dim, self.seed)
+                        rows.append(projector(features).cpu())
+                    sketches[site] = torch.cat(rows).numpy()
+                embed_time = time.perf_counter() - start
+                self.logger.info(
+                    f"AIVA epoch {epoch}: embedded {len(sketches['source'])} source + {len(sketches['target'])} "
+                    f"target slices in {embed_time:.1f} s; clustering (PCA, t-SNE, k-means, matching)"
+                )
+                result = cluster_sketches(
+                    sketches["source"], sketches["target"], self.n_clusters, **self.cluster_kwargs
+                )
+                start = time.perf_counter()
+                accumulator = None
+                for features, position in self._features(engine, self.source_dataset, "source means"):
+                    if accumulator is None:
+                        accumulator = ClusterMeanAccumulator(self.n_clusters, features[0].numel(), features.device)
+                    accumulator.update(features, result.source_labels[position : position + len(features)])
+                result.source_means = accumulator.means()
+                result.timings = {"embed": embed_time, **result.timings, "means": time.perf_counter() - start}
+        finally:
+            network.train(was_training)
+
+        self.clustering, self.clustered_epoch = result, epoch
+        summary = {
+            "epoch": epoch,
+            "n_source": int(len(result.source_labels)),
+            "n_target": int(len(result.target_labels)),
+            "n_clusters": self.n_clusters,
+            "matched_cost": float(result.matched_cost),
+            "source_cluster_min": int(result.source_sizes.min()),
+            "source_cluster_max": int(result.source_sizes.max()),
+            "target_cluster_min": int(result.target_sizes.min()),
+            "target_cluster_max": int(result.target_sizes.max()),
+            **{f"time_{stage}": float(seconds) for stage, seconds in result.timings.items()},
+        }
+        self.history.append(summary)
+        times = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in result.timings.items())
+        self.logger.info(
+            f"AIVA epoch {epoch}: k={self.n_clusters}, source clusters of {summary['source_cluster_min']}-"
+            f"{summary['source_cluster_max']} slices, target clusters of {summary['target_cluster_min']}-"
+            f"{summary['target_cluster_max']} slices; {times}; matched cost {result.matched_cost:.3g}"
+        )
+        return result
+
+    def _hand_over(self, engine: Engine) -> None:
+        result = self.clustering
+        engine.state.aiva_assignment = ClusterAssignment(
+            target_labels=torch.as_tensor(result.target_labels).long(),
+            source_means=result.source_means.to(engine.state.device),
+            match=torch.as_tensor(result.match).long(),
+            epoch=self.clustered_epoch,
+        )
+
+    # -- checkpointing ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        if self.clustering is None:
+            return {"clustered_epoch": -1, "history": list(self.history)}
+        result = self.clustering
+        state = {name: torch.as_tensor(np.asarray(getattr(result, name))) for name in _ARRAY_FIELDS}
+        state.update(
+            clustered_epoch=int(self.clustered_epoch),
+            matched_cost=float(result.matched_cost),
+            perplexity=float(result.perplexity),
+            source_means=result.source_means.detach().cpu(),
+            timings={k: float(v) for k, v in result.timings.items()},
+            history=list(self.history),
+        )
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = list(state.get("history", []))
+        if state["clustered_epoch"] < 0:
+            self.clustering, self.clustered_epoch = None, None
+            return
+        arrays = {name: torch.as_tensor(state[name]).numpy() for name in _ARRAY_FIELDS}
+        self.clustering = SiteClustering(
+            **arrays,
+            matched_cost=float(state["matched_cost"]),
+            source_means=torch.as_tensor(state["source_means"]).float(),
+            perplexity=float(state["perplexity"]),
+            timings=dict(state["timings"]),
+        )
+        if self.clustering.n_clusters != self.n_clusters:
+            raise ValueError(
+                f"checkpoint holds {self.clustering.n_clusters} clusters, the handler is set up for {self.n_clusters}."
+            )
+        self.clustered_epoch = int(state["clustered_epoch"])
+
+
+class SurfaceDiceHandler(IgniteMetricHandler):
+    """Per-volume surface Dice at a tolerance in mm (MONAI metric handler wiring).
+
+    Args:
+        tolerance_mm: boundary tolerance in millimetres (paper: 1 mm).
+        include_background, use_subvoxels, reduction: see ``VolumeSurfaceDiceMetric``.
+        output_transform: extracts ``(y_pred, y)`` (one-hot, channel-first, MetaTensors with affines)
+            from ``engine.state.output``.
+        save_details: keep every volume's score in ``engine.state.metric_details``.
+    """
+
+    def __init__(
+        self,
+        tolerance_mm: float = 1.0,
+        include_background: bool = False,
+        use_subvoxels: bool = True,
+        reduction="mean",
+        output_transform: Callable = lambda x: x,
+        save_details: bool = True,
+    ) -> None:
+        metric = VolumeSurfaceDiceMetric(
+            tolerance_mm=tolerance_mm,
+            include_background=include_background,
+            use_subvoxels=use_subvoxels,
+            reduction=reduction,
+        )
+        super().__init__(metric_fn=metric, output_transform=output_transform, save_details=save_details)
