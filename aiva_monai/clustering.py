@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -113,12 +114,14 @@ class FeatureProjector:
             shape_only = scipy.sparse.csr_matrix((1, self.n_features), dtype=np.float32)
             projection = SparseRandomProjection(n_components=int(sketch_dim), density="auto", random_state=seed)
             components = projection.fit(shape_only).components_.tocsr().astype(np.float32)  # (m, D)
-            self._matrix = torch.sparse_csr_tensor(
-                torch.from_numpy(components.indptr.astype(np.int64)),
-                torch.from_numpy(components.indices.astype(np.int64)),
-                torch.from_numpy(components.data),
-                size=components.shape,
-            )
+            with warnings.catch_warnings():  # torch flags sparse CSR as beta; mm with it is stable
+                warnings.simplefilter("ignore", UserWarning)
+                self._matrix = torch.sparse_csr_tensor(
+                    torch.from_numpy(components.indptr.astype(np.int64)),
+                    torch.from_numpy(components.indices.astype(np.int64)),
+                    torch.from_numpy(components.data),
+                    size=components.shape,
+                )
 
     @property
     def is_identity(self) -> bool:
@@ -276,7 +279,9 @@ def cluster_sketches(
 
 def _chunks(features, chunk_size: int):
     for begin in range(0, len(features), chunk_size):
-        yield torch.as_tensor(np.asarray(features[begin : begin + chunk_size]) if not torch.is_tensor(features) else features[begin : begin + chunk_size])
+        chunk = features[begin : begin + chunk_size]
+        # np.array copies one chunk: memory-mapped inputs are read-only and stay on disk
+        yield chunk if torch.is_tensor(chunk) else torch.from_numpy(np.array(chunk))
 
 
 def cluster_sites(
