@@ -1,3 +1,17 @@
 """aiva-monai: unsupervised site adaptation of MRI segmentation models (AIVA) on MONAI."""
 
+import importlib
+
 __version__ = "0.1.0"
+
+_SUBMODULES = (
+    "alignment", "bundle", "clustering", "data", "embedding", "engines", "evaluation", "handlers", "inference",
+    "losses", "metrics", "networks", "visualize",
+)
+
+
+def __getattr__(name):
+    # submodules load on first use, so bundle configs can write `aiva_monai.data.SliceDataset` after `import aiva_monai`
+    if name in _SUBMODULES:
+        return importlib.import_module(f"aiva_monai.{name}")
+    raise AttributeError(f"module 'aiva_monai' has no attribute {name!r}")

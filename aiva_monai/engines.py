@@ -74,6 +74,12 @@ class AIVATrainer(SupervisedTrainer):
             raise TypeError(f"AIVATrainer needs an aiva_monai.losses.AIVALoss, got {type(loss_function).__name__}.")
         if kwargs.get("accumulation_steps", 1) != 1 or kwargs.get("compile", False):
             raise ValueError("AIVATrainer supports neither gradient accumulation nor torch.compile.")
+        # set before the base class attaches the train handlers: the clustering handler needs the tap
+        self.bottleneck_tap = BottleneckTap(network, bottleneck)
+        self.target_data_loader = target_data_loader
+        self.target_image_key = target_image_key
+        self.target_index_key = target_index_key
+        self._target_iterator = None
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -83,11 +89,6 @@ class AIVATrainer(SupervisedTrainer):
             loss_function=loss_function,
             **kwargs,
         )
-        self.target_data_loader = target_data_loader
-        self.target_image_key = target_image_key
-        self.target_index_key = target_index_key
-        self.bottleneck_tap = BottleneckTap(network, bottleneck)
-        self._target_iterator = None
         self.state.aiva_assignment = None
 
     def next_target_batch(self) -> dict:

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from monai.data import DataLoader
 from monai.handlers.ignite_metric import IgniteMetricHandler
 from monai.utils import CommonKeys as Keys
-from tqdm.auto import tqdm
 
-from aiva_monai.clustering import ClusterMeanAccumulator, FeatureProjector, SiteClustering, cluster_sketches
+from aiva_monai.clustering import SiteClustering
+from aiva_monai.embedding import embed_and_cluster
 from aiva_monai.engines import ClusterAssignment
 from aiva_monai.metrics import VolumeSurfaceDiceMetric
 
@@ -79,9 +77,7 @@ class AIVAClusteringHandler:
         self.num_workers = int(num_workers)
         self.image_key = image_key
         self.index_key = index_key
-        self.cluster_kwargs = dict(
-            pca_components=pca_components, tsne_method=tsne_method, perplexity=perplexity, seed=seed, n_jobs=n_jobs
-        )
+        self.cluster_kwargs = dict(pca_components=pca_components, tsne_method=tsne_method, perplexity=perplexity, n_jobs=n_jobs)
         self.sketch_dim = int(sketch_dim)
         self.seed = int(seed)
         self.progress = progress
@@ -91,9 +87,8 @@ class AIVAClusteringHandler:
         self.history: list[dict] = []
 
     def attach(self, engine: Engine) -> None:
-        for attribute in ("bottleneck_tap", "network"):
-            if not hasattr(engine, attribute):
-                raise TypeError(f"AIVAClusteringHandler needs an AIVATrainer, got {type(engine).__name__}.")
+        if not hasattr(engine, "bottleneck_tap"):
+            raise TypeError(f"AIVAClusteringHandler needs an AIVATrainer, got {type(engine).__name__}.")
         for site, dataset in (("source", self.source_dataset), ("target", self.target_dataset)):
             if len(dataset) < self.n_clusters:
                 raise ValueError(
@@ -110,70 +105,28 @@ class AIVAClusteringHandler:
 
     # -- the clustering round -------------------------------------------------------------------
 
-    def _loader(self, dataset) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
-
-    def _features(self, engine: Engine, dataset, site: str):
-        """Yield (bottleneck features, first dataset position) for every batch of ``dataset``, in eval mode."""
-        network, tap = engine.network, engine.bottleneck_tap
-        position = 0
-        bar = tqdm(self._loader(dataset), desc=f"AIVA embedding {site}", disable=not self.progress, leave=False)
-        for batch in bar:
-            images = torch.as_tensor(batch[self.image_key]).to(engine.state.device, non_blocking=True)
-            if self.index_key in batch:
-                index = torch.as_tensor(batch[self.index_key]).cpu()
-                if not torch.equal(index, torch.arange(position, position + len(index))):
-                    raise ValueError(
-                        f"the {site} dataset's '{self.index_key}' values must equal each sample's position; "
-                        f"got {index[:5].tolist()}... at position {position}."
-                    )
-            if engine.amp:
-                with torch.autocast("cuda", **engine.amp_kwargs):
-                    network(images)
-            else:
-                network(images)
-            features = tap.features
-            if not bool(torch.isfinite(features).all()):
-                raise ValueError(f"non-finite bottleneck features for {site} slices {position}..{position + len(images) - 1}.")
-            yield features, position
-            position += len(images)
-
     def run_clustering(self, engine: Engine) -> SiteClustering:
         """One clustering round; stores and returns the ``SiteClustering`` (with ``source_means``)."""
         epoch = engine.state.epoch
-        network = engine.network
-        was_training = network.training
-        network.eval()
-        try:
-            with torch.no_grad():
-                start = time.perf_counter()
-                projector, sketches = None, {}
-                for site, dataset in (("source", self.source_dataset), ("target", self.target_dataset)):
-                    rows = []
-                    for features, _ in self._features(engine, dataset, site):
-                        if projector is None:
-                            projector = FeatureProjector(features[0].numel(), self.sketch_dim, self.seed)
-                        rows.append(projector(features).cpu())
-                    sketches[site] = torch.cat(rows).numpy()
-                embed_time = time.perf_counter() - start
-                self.logger.info(
-                    f"AIVA epoch {epoch}: embedded {len(sketches['source'])} source + {len(sketches['target'])} "
-                    f"target slices in {embed_time:.1f} s; clustering (PCA, t-SNE, k-means, matching)"
-                )
-                result = cluster_sketches(
-                    sketches["source"], sketches["target"], self.n_clusters, **self.cluster_kwargs
-                )
-                start = time.perf_counter()
-                accumulator = None
-                for features, position in self._features(engine, self.source_dataset, "source means"):
-                    if accumulator is None:
-                        accumulator = ClusterMeanAccumulator(self.n_clusters, features[0].numel(), features.device)
-                    accumulator.update(features, result.source_labels[position : position + len(features)])
-                result.source_means = accumulator.means()
-                result.timings = {"embed": embed_time, **result.timings, "means": time.perf_counter() - start}
-        finally:
-            network.train(was_training)
-
+        result = embed_and_cluster(
+            engine.network,
+            engine.bottleneck_tap,
+            self.source_dataset,
+            self.target_dataset,
+            self.n_clusters,
+            device=engine.state.device,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            image_key=self.image_key,
+            index_key=self.index_key,
+            amp=engine.amp,
+            amp_kwargs=engine.amp_kwargs,
+            sketch_dim=self.sketch_dim,
+            seed=self.seed,
+            progress=self.progress,
+            label=f"epoch {epoch}: ",
+            **self.cluster_kwargs,
+        )
         self.clustering, self.clustered_epoch = result, epoch
         summary = {
             "epoch": epoch,

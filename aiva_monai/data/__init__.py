@@ -1,5 +1,27 @@
-from aiva_monai.data.ixi import ixi_datalist
+from aiva_monai.data.cc359 import CC359_SITES, cc359_datalist, find_cc359, write_cc359_datalist
+from aiva_monai.data.datalist import load_datalist, sites_of, write_json_atomic
+from aiva_monai.data.demo import DEMO_SITES, make_demo_dataset
+from aiva_monai.data.ixi import ixi_datalist, ixi_sim_datalist
+from aiva_monai.data.simulate import PRESETS, ScannerChange, SimulateScannerd, simulate_scanner
 from aiva_monai.data.slices import SliceDataset
 from aiva_monai.data.transforms import volume_transforms
 
-__all__ = ["SliceDataset", "ixi_datalist", "volume_transforms"]
+__all__ = [
+    "CC359_SITES",
+    "DEMO_SITES",
+    "PRESETS",
+    "ScannerChange",
+    "SimulateScannerd",
+    "SliceDataset",
+    "cc359_datalist",
+    "find_cc359",
+    "ixi_datalist",
+    "ixi_sim_datalist",
+    "load_datalist",
+    "make_demo_dataset",
+    "simulate_scanner",
+    "sites_of",
+    "volume_transforms",
+    "write_cc359_datalist",
+    "write_json_atomic",
+]

@@ -16,6 +16,8 @@ from monai.transforms import (
     Spacingd,
 )
 
+from aiva_monai.data.simulate import SimulateScannerd
+
 __all__ = ["volume_transforms"]
 
 
@@ -29,6 +31,8 @@ def volume_transforms(
     lower_percentile: float = 0.5,
     upper_percentile: float = 99.5,
     load: bool = True,
+    simulate_key: str | None = "simulate",
+    compact: bool = True,
 ) -> Compose:
     """Load and preprocess a 3D volume for slicing.
 
@@ -47,6 +51,10 @@ def volume_transforms(
         intensity: "percentile" or "zscore".
         lower_percentile, upper_percentile: clipping percentiles for "percentile".
         load: start with ``LoadImaged`` (False when the dicts already hold arrays).
+        simulate_key: entries carrying this key get a simulated scanner change right after loading
+            (``aiva_monai.data.simulate.SimulateScannerd``); None disables it.
+        compact: end with the compact cache types (float16 image, uint8 masks) for slice caches;
+            False keeps float32, what 3D evaluation and inference feed the network directly.
     """
     keys = tuple(keys)
     masks = tuple(k for k in keys if k != image_key)
@@ -55,6 +63,8 @@ def volume_transforms(
     chain = []
     if load:
         chain.append(LoadImaged(keys, image_only=True, ensure_channel_first=True, allow_missing_keys=True))
+    if simulate_key is not None:
+        chain.append(SimulateScannerd(image_key, simulate_key))
     chain.append(Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True))
     if pixdim is not None:
         modes = ["bilinear" if k == image_key else "nearest" for k in keys]
@@ -70,7 +80,10 @@ def volume_transforms(
     else:
         raise ValueError(f"intensity must be 'percentile' or 'zscore', got {intensity!r}.")
     chain.append(ResizeWithPadOrCropd(keys, spatial_size=spatial_size, allow_missing_keys=True))
-    chain.append(EnsureTyped(image_key, dtype=torch.float16 if intensity == "percentile" else torch.float32))
-    if masks:
-        chain.append(EnsureTyped(masks, dtype=torch.uint8, allow_missing_keys=True))
+    if compact:
+        chain.append(EnsureTyped(image_key, dtype=torch.float16 if intensity == "percentile" else torch.float32))
+        if masks:
+            chain.append(EnsureTyped(masks, dtype=torch.uint8, allow_missing_keys=True))
+    else:
+        chain.append(EnsureTyped(keys, dtype=torch.float32, allow_missing_keys=True))
     return Compose(chain)

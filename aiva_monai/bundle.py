@@ -1,0 +1,148 @@
+"""Helpers the bundle configs call: locating the bundle, resolving data, the built-in demo."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import jsonschema
+
+from aiva_monai.data.cc359 import find_cc359, write_cc359_datalist
+from aiva_monai.data.datalist import load_datalist
+from aiva_monai.data.demo import DEMO_SITES, make_demo_dataset
+
+__all__ = [
+    "locate_bundle_root",
+    "resolve_datalist",
+    "datalist_base_dir",
+    "is_synthetic",
+    "default_site",
+    "entries",
+    "latest_checkpoint",
+    "demo_source_model",
+    "demo_report",
+    "verify_metadata",
+]
+
+logger = logging.getLogger(__name__)
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def locate_bundle_root(name: str) -> str:
+    """The bundle folder: the current folder if it is that bundle, else ``./bundles/<name>``, else the
+    one beside the installed package (an editable install of this repository)."""
+    candidates = [Path.cwd(), Path.cwd() / "bundles" / name, REPOSITORY / "bundles" / name]
+    for candidate in candidates:
+        meta = candidate / "configs" / "metadata.json"
+        if meta.is_file() and json.loads(meta.read_text()).get("name") == name:
+            return str(candidate.resolve())
+    raise FileNotFoundError(f"bundle '{name}' not found in {[str(c) for c in candidates]}: pass --bundle_root.")
+
+
+def resolve_datalist(dataset_dir, datalist, output_dir, demo_dir=None) -> str:
+    """Path of the datalist JSON to use.
+
+    - ``datalist`` given: that file (a datalist JSON, see ``aiva_monai.data.datalist``);
+    - no ``dataset_dir``: the built-in SYNTHETIC demo set, made under ``demo_dir`` (default
+      ``<output_dir>/demo_data``) on first use;
+    - ``dataset_dir`` holding CC359 files: a per-site 45/5/10 split written to ``<output_dir>/datalist_cc359.json``;
+    - ``dataset_dir`` holding ``datalist.json``: that file.
+    """
+    if datalist:
+        path = Path(datalist)
+        if not path.is_file():
+            raise FileNotFoundError(f"datalist {path} does not exist.")
+        return str(path)
+    if not dataset_dir:
+        return str(make_demo_dataset(Path(demo_dir or Path(output_dir) / "demo_data")))
+    dataset_dir = Path(dataset_dir)
+    if not dataset_dir.is_dir():
+        raise FileNotFoundError(f"dataset_dir {dataset_dir} does not exist.")
+    if (dataset_dir / "datalist.json").is_file():
+        return str(dataset_dir / "datalist.json")
+    try:
+        find_cc359(dataset_dir)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"dataset_dir {dataset_dir}: no CC359 files (CCxxxx_<vendor>_<field>_<age>_<sex>.nii.gz) and no datalist.json; "
+            "pass --datalist with a datalist JSON."
+        ) from None
+    return str(write_cc359_datalist(dataset_dir, Path(output_dir) / "datalist_cc359.json"))
+
+
+def is_synthetic(datalist_file) -> bool:
+    """True for the built-in SYNTHETIC demo set (its datalist says so); the configs then use demo settings."""
+    return bool(json.loads(Path(datalist_file).read_text()).get("synthetic", False))
+
+
+def datalist_base_dir(dataset_dir, datalist_file) -> str:
+    """Relative paths in a datalist are relative to ``dataset_dir`` when given, else to the JSON's folder."""
+    return str(Path(dataset_dir) if dataset_dir else Path(datalist_file).parent)
+
+
+def default_site(datalist_file, role: str, site=None):
+    """``site`` if given, else the datalist's ``default_<role>_site`` (role: "source" or "target")."""
+    if site:
+        return site
+    content = json.loads(Path(datalist_file).read_text())
+    found = content.get(f"default_{role}_site")
+    if found is None and content.get("synthetic"):
+        found = DEMO_SITES[0] if role == "source" else DEMO_SITES[1]
+    if found is None:
+        sites = sorted({e.get("site") for split in ("training", "validation", "test") for e in content.get(split, [])})
+        raise ValueError(f"no --{role}_site given and {datalist_file} names no default; sites: {sites}.")
+    return found
+
+
+def entries(datalist_file, split, sites, base_dir, labels: bool = True) -> list[dict]:
+    """Datalist entries; with ``labels=False`` the ``label`` key is removed, so no code path can read a
+    target label (adaptation never sees one)."""
+    found = load_datalist(datalist_file, split, sites, base_dir=base_dir, require_labels=labels)
+    return found if labels else [{k: v for k, v in e.items() if k != "label"} for e in found]
+
+
+def latest_checkpoint(folder) -> str | None:
+    """Newest ``checkpoint_*.pt`` in ``folder`` by its iteration number (for resuming), or None."""
+    folder = Path(folder)
+    found = []
+    for path in folder.glob("checkpoint*.pt"):
+        numbers = re.findall(r"(\d+)", path.stem)
+        found.append((int(numbers[-1]) if numbers else -1, path))
+    return str(max(found)[1]) if found else None
+
+
+def demo_source_model(bundle_root, output_dir, **overrides) -> str:
+    """The demo's source model: pretrain.json run on the SYNTHETIC source site, once."""
+    output_dir = Path(output_dir)
+    model = output_dir / "model.pt"
+    if not model.is_file():
+        from monai.bundle import run
+
+        logger.info(f"demo: pretraining a source model on the synthetic source site into {output_dir}")
+        run(config_file=str(Path(bundle_root) / "configs" / "pretrain.json"), output_dir=str(output_dir), **overrides)
+    if not model.is_file():
+        raise RuntimeError(f"demo pretraining finished without writing {model}.")
+    return str(model)
+
+
+def demo_report(bundle_root, output_dir, datalist_file) -> dict:
+    """After the demo's adaptation: run the evaluate overlay (source and adapted model on the synthetic
+    target and source test subjects) and print the scores."""
+    from monai.bundle import run
+
+    configs = Path(bundle_root) / "configs"
+    run(config_file=[str(configs / "train.json"), str(configs / "evaluate.json")], output_dir=str(output_dir), datalist=str(datalist_file))
+    summary = Path(output_dir) / "evaluation" / "summary.md"
+    print(f"\nSYNTHETIC demo finished: scores above, also in {summary}; figures in {summary.parent}.")
+    return {"summary": str(summary)}
+
+
+def verify_metadata(meta_file, schema_file=REPOSITORY / "bundles" / "schema" / "meta_schema.json") -> None:
+    """Validate a bundle's metadata.json against the schema shipped in this repository (offline)."""
+    meta = json.loads(Path(meta_file).read_text())
+    schema = json.loads(Path(schema_file).read_text())
+    jsonschema.validate(meta, schema)
+    if meta["version"] not in meta["changelog"]:
+        raise ValueError(f"{meta_file}: version {meta['version']} has no changelog entry.")

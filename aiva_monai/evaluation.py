@@ -1,0 +1,203 @@
+"""Per-volume evaluation (Dice, surface Dice in mm) of one or more checkpoints, written as CSV,
+a markdown summary and cluster figures."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from ignite.engine import Events
+from monai.data import DataLoader
+from monai.engines import SupervisedEvaluator
+from monai.handlers import MeanDice, from_engine
+from monai.transforms import Activationsd, AsDiscreted, Compose
+
+from aiva_monai.embedding import embed_and_cluster
+from aiva_monai.handlers import SurfaceDiceHandler
+from aiva_monai.metrics import voxel_spacing
+from aiva_monai.networks import BottleneckTap
+from aiva_monai.visualize import plot_clusterings
+
+__all__ = ["load_network_weights", "evaluate_volumes", "summarize", "run_evaluation", "write_text_atomic"]
+
+logger = logging.getLogger(__name__)
+CSV_FIELDS = ("model", "set", "subject", "site", "dice", "surface_dice", "predicted_ml", "reference_ml")
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_network_weights(network: torch.nn.Module, checkpoint: str | Path) -> torch.nn.Module:
+    """Load a state dict saved bare (model-zoo ``models/model.pt``) or under a "network"/"model" key."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist.")
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file: say which one
+        raise ValueError(f"checkpoint {checkpoint} cannot be read: {error}") from None
+    for key in ("network", "model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(f"checkpoint {checkpoint} does not fit the network {type(network).__name__}: {error}") from None
+    return network
+
+
+def evaluate_volumes(network, dataset, inferer, *, device="cpu", tolerance_mm: float = 1.0, num_classes: int = 2,
+                     amp: bool = False, num_workers: int = 0) -> list[dict]:
+    """Dice and surface Dice (at ``tolerance_mm``, each volume's own spacing) of every 3D volume.
+
+    Args:
+        network: the 2D network, weights loaded.
+        dataset: preprocessed volumes (dicts with channel-first ``image`` and ``label`` MetaTensors,
+            plus ``subject`` and ``site``).
+        inferer: e.g. ``monai.inferers.SliceInferer`` running the 2D network over the volume.
+
+    Returns:
+        One dict per volume: subject, site, dice, surface_dice, predicted_ml, reference_ml.
+    """
+    postprocessing = Compose(
+        [
+            Activationsd("pred", softmax=True),
+            AsDiscreted(("pred", "label"), argmax=(True, False), to_onehot=num_classes),
+        ]
+    )
+    pair = from_engine(["pred", "label"])
+    evaluator = SupervisedEvaluator(
+        device=torch.device(device),
+        val_data_loader=DataLoader(dataset, batch_size=1, num_workers=num_workers),
+        network=network,
+        inferer=inferer,
+        postprocessing=postprocessing,
+        key_val_metric={"dice": MeanDice(include_background=False, output_transform=pair)},
+        additional_metrics={"surface_dice": SurfaceDiceHandler(tolerance_mm, output_transform=pair)},
+        amp=amp,
+    )
+    rows: list[dict] = []
+
+    @evaluator.on(Events.ITERATION_COMPLETED)
+    def _collect(engine):
+        for item in engine.state.output:
+            (spacing,) = voxel_spacing(item["label"][None])
+            voxel_ml = float(np.prod(spacing)) / 1000.0
+            rows.append(
+                {
+                    "subject": item.get("subject", ""),
+                    "site": item.get("site", ""),
+                    "predicted_ml": round(float(item["pred"][1:].sum()) * voxel_ml, 2),
+                    "reference_ml": round(float(item["label"][1:].sum()) * voxel_ml, 2),
+                }
+            )
+
+    evaluator.run()
+    dice = evaluator.state.metric_details["dice"].reshape(len(rows), -1).mean(dim=1)
+    surface = evaluator.state.metric_details["surface_dice"].reshape(len(rows), -1).mean(dim=1)
+    for row, d, s in zip(rows, dice.tolist(), surface.tolist()):
+        row["dice"], row["surface_dice"] = round(d, 4), round(s, 4)
+    return rows
+
+
+def summarize(rows: list[dict], tolerance_mm: float = 1.0) -> str:
+    """Markdown table: one line per (model, set) with n and mean +/- std of Dice and surface Dice."""
+    groups = defaultdict(list)
+    for row in rows:
+        groups[(row["model"], row["set"])].append(row)
+    lines = [
+        f"| model | set | volumes | surface Dice @ {tolerance_mm:g} mm | Dice |",
+        "|---|---|---|---|---|",
+    ]
+    for (model, name), members in groups.items():
+        surface = np.array([m["surface_dice"] for m in members], dtype=float)
+        dice = np.array([m["dice"] for m in members], dtype=float)
+        lines.append(
+            f"| {model} | {name} | {len(members)} | {100 * np.nanmean(surface):.2f} +/- {100 * np.nanstd(surface):.2f} "
+            f"| {100 * np.nanmean(dice):.2f} +/- {100 * np.nanstd(dice):.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def _write_csv(rows: list[dict], path: Path) -> Path:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text_atomic(path, buffer.getvalue())
+
+
+def run_evaluation(network, checkpoints: dict, datasets: dict, inferer, output_dir, *, device="cpu",
+                   tolerance_mm: float = 1.0, selection_rule: str = "", notes: str = "", cluster_datasets=None,
+                   n_clusters: int = 12, cluster_options: dict | None = None, amp: bool = False) -> dict:
+    """Evaluate every checkpoint on every volume set; write ``evaluation.csv``, ``summary.md`` and,
+    when ``cluster_datasets = (source_slices, target_slices)`` is given, ``clusters.png`` (one panel per
+    checkpoint: the joint embedding, matched clusters in the same colour).
+
+    Args:
+        network: the network (its weights are replaced by each checkpoint in turn).
+        checkpoints: {"source": path, "adapted": path}, evaluated in this order.
+        datasets: {"target test": dataset, "source test": dataset} of preprocessed volumes.
+        selection_rule: how the checkpoints were chosen, written next to every number.
+        notes: extra lines for the summary (data set, synthetic or simulated, ...).
+
+    Returns:
+        {"rows": per-volume rows, "summary": markdown table, "files": written paths}.
+    """
+    output_dir = Path(output_dir)
+    network = network.to(device)
+    rows, clusterings = [], {}
+    for model_name, checkpoint in checkpoints.items():
+        load_network_weights(network, checkpoint)
+        for set_name, dataset in datasets.items():
+            logger.info(f"evaluating {model_name} ({checkpoint}) on {set_name}: {len(dataset)} volumes")
+            for row in evaluate_volumes(network, dataset, inferer, device=device, tolerance_mm=tolerance_mm, amp=amp):
+                rows.append({"model": model_name, "set": set_name, **row})
+        if cluster_datasets is not None:
+            with BottleneckTap(network) as tap:
+                clusterings[f"{model_name} model"] = embed_and_cluster(
+                    network, tap, *cluster_datasets, n_clusters, device=device, amp=amp, progress=False,
+                    label=f"{model_name} model: ", **(cluster_options or {})
+                )
+    table = summarize(rows, tolerance_mm)
+    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else ""
+    summary = "\n".join(
+        [
+            "# Evaluation",
+            "",
+            table,
+            "",
+            f"- checkpoints: " + ", ".join(f"{k} = `{v}`" for k, v in checkpoints.items()),
+            f"- model selection: {selection_rule or 'not stated'}",
+            f"- metric: per-volume 3D surface Dice at {tolerance_mm:g} mm (each volume's own voxel spacing) and Dice, "
+            "foreground class, mean +/- std over volumes, in %",
+            f"- command: `{command}`",
+            *([f"- {line}" for line in notes.splitlines() if line.strip()]),
+            "",
+        ]
+    )
+    files = [_write_csv(rows, output_dir / "evaluation.csv"), write_text_atomic(output_dir / "summary.md", summary)]
+    if clusterings:
+        files.append(plot_clusterings(clusterings, output_dir / "clusters.png", title="AIVA clusters: source (o) and target (x)"))
+    print(summary)
+    return {"rows": rows, "summary": table, "files": [str(f) for f in files]}
