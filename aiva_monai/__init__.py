@@ -5,7 +5,7 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "alignment", "bundle", "clustering", "data", "embedding", "engines", "evaluation", "handlers", "inference",
+    "alignment", "bundle", "clustering", "data", "embedding", "engines", "evaluation", "handlers", "inference", "io",
     "losses", "metrics", "networks", "visualize",
 )
 

@@ -113,15 +113,15 @@ def latest_checkpoint(folder) -> str | None:
     return str(max(found)[1]) if found else None
 
 
-def demo_source_model(bundle_root, output_dir, **overrides) -> str:
-    """The demo's source model: pretrain.json run on the SYNTHETIC source site, once."""
-    output_dir = Path(output_dir)
-    model = output_dir / "model.pt"
+def demo_source_model(bundle_root, model_path, datalist_file, max_steps: int = 300) -> str:
+    """The demo's source model at ``model_path``: pretrain.json run once (``max_steps``) on the SYNTHETIC source site."""
+    model = Path(model_path)
     if not model.is_file():
         from monai.bundle import run
 
-        logger.info(f"demo: pretraining a source model on the synthetic source site into {output_dir}")
-        run(config_file=str(Path(bundle_root) / "configs" / "pretrain.json"), output_dir=str(output_dir), **overrides)
+        logger.info(f"demo: pretraining a source model on the synthetic source site into {model.parent}")
+        run(config_file=str(Path(bundle_root) / "configs" / "pretrain.json"), output_dir=str(model.parent),
+            datalist=str(datalist_file), max_steps=int(max_steps), epoch_length=min(100, int(max_steps)))
     if not model.is_file():
         raise RuntimeError(f"demo pretraining finished without writing {model}.")
     return str(model)

@@ -6,9 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
 import sys
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,28 +20,14 @@ from monai.transforms import Activationsd, AsDiscreted, Compose
 
 from aiva_monai.embedding import embed_and_cluster
 from aiva_monai.handlers import SurfaceDiceHandler
+from aiva_monai.io import write_text_atomic
 from aiva_monai.metrics import voxel_spacing
 from aiva_monai.networks import BottleneckTap
 from aiva_monai.visualize import plot_clusterings
 
-__all__ = ["load_network_weights", "evaluate_volumes", "summarize", "run_evaluation", "write_text_atomic"]
+__all__ = ["load_network_weights", "evaluate_volumes", "summarize", "run_evaluation"]
 
 logger = logging.getLogger(__name__)
-CSV_FIELDS = ("model", "set", "subject", "site", "dice", "surface_dice", "predicted_ml", "reference_ml")
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def load_network_weights(network: torch.nn.Module, checkpoint: str | Path) -> torch.nn.Module:
@@ -66,9 +50,13 @@ def load_network_weights(network: torch.nn.Module, checkpoint: str | Path) -> to
     return network
 
 
-def evaluate_volumes(network, dataset, inferer, *, device="cpu", tolerance_mm: float = 1.0, num_classes: int = 2,
+def surface_dice_key(tolerance_mm: float) -> str:
+    return f"surface_dice_{tolerance_mm:g}mm"
+
+
+def evaluate_volumes(network, dataset, inferer, *, device="cpu", tolerances_mm=(1.0,), num_classes: int = 2,
                      amp: bool = False, num_workers: int = 0) -> list[dict]:
-    """Dice and surface Dice (at ``tolerance_mm``, each volume's own spacing) of every 3D volume.
+    """Dice and surface Dice (at each of ``tolerances_mm``, each volume's own spacing) of every 3D volume.
 
     Args:
         network: the 2D network, weights loaded.
@@ -77,7 +65,7 @@ def evaluate_volumes(network, dataset, inferer, *, device="cpu", tolerance_mm: f
         inferer: e.g. ``monai.inferers.SliceInferer`` running the 2D network over the volume.
 
     Returns:
-        One dict per volume: subject, site, dice, surface_dice, predicted_ml, reference_ml.
+        One dict per volume: subject, site, dice, surface_dice_<t>mm for each tolerance, predicted_ml, reference_ml.
     """
     postprocessing = Compose(
         [
@@ -93,7 +81,7 @@ def evaluate_volumes(network, dataset, inferer, *, device="cpu", tolerance_mm: f
         inferer=inferer,
         postprocessing=postprocessing,
         key_val_metric={"dice": MeanDice(include_background=False, output_transform=pair)},
-        additional_metrics={"surface_dice": SurfaceDiceHandler(tolerance_mm, output_transform=pair)},
+        additional_metrics={surface_dice_key(t): SurfaceDiceHandler(t, output_transform=pair) for t in tolerances_mm},
         amp=amp,
     )
     rows: list[dict] = []
@@ -113,42 +101,42 @@ def evaluate_volumes(network, dataset, inferer, *, device="cpu", tolerance_mm: f
             )
 
     evaluator.run()
-    dice = evaluator.state.metric_details["dice"].reshape(len(rows), -1).mean(dim=1)
-    surface = evaluator.state.metric_details["surface_dice"].reshape(len(rows), -1).mean(dim=1)
-    for row, d, s in zip(rows, dice.tolist(), surface.tolist()):
-        row["dice"], row["surface_dice"] = round(d, 4), round(s, 4)
+    for key in ("dice", *map(surface_dice_key, tolerances_mm)):
+        values = evaluator.state.metric_details[key].reshape(len(rows), -1).mean(dim=1)
+        for row, value in zip(rows, values.tolist()):
+            row[key] = round(value, 4)
     return rows
 
 
-def summarize(rows: list[dict], tolerance_mm: float = 1.0) -> str:
-    """Markdown table: one line per (model, set) with n and mean +/- std of Dice and surface Dice."""
+def summarize(rows: list[dict], tolerances_mm=(1.0,)) -> str:
+    """Markdown table: one line per (model, set) with n and mean +/- std (in %) of surface Dice at each
+    tolerance and of Dice."""
     groups = defaultdict(list)
     for row in rows:
         groups[(row["model"], row["set"])].append(row)
-    lines = [
-        f"| model | set | volumes | surface Dice @ {tolerance_mm:g} mm | Dice |",
-        "|---|---|---|---|---|",
-    ]
+    keys = [*map(surface_dice_key, tolerances_mm), "dice"]
+    titles = [f"surface Dice @ {t:g} mm" for t in tolerances_mm] + ["Dice"]
+    lines = ["| model | set | volumes | " + " | ".join(titles) + " |", "|---|---|---|" + "---|" * len(keys)]
     for (model, name), members in groups.items():
-        surface = np.array([m["surface_dice"] for m in members], dtype=float)
-        dice = np.array([m["dice"] for m in members], dtype=float)
-        lines.append(
-            f"| {model} | {name} | {len(members)} | {100 * np.nanmean(surface):.2f} +/- {100 * np.nanstd(surface):.2f} "
-            f"| {100 * np.nanmean(dice):.2f} +/- {100 * np.nanstd(dice):.2f} |"
-        )
+        cells = []
+        for key in keys:
+            values = 100 * np.array([m[key] for m in members], dtype=float)
+            cells.append(f"{np.nanmean(values):.2f} +/- {np.nanstd(values):.2f}")
+        lines.append(f"| {model} | {name} | {len(members)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def _write_csv(rows: list[dict], path: Path) -> Path:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    writer = csv.DictWriter(buffer, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
     return write_text_atomic(path, buffer.getvalue())
 
 
 def run_evaluation(network, checkpoints: dict, datasets: dict, inferer, output_dir, *, device="cpu",
-                   tolerance_mm: float = 1.0, selection_rule: str = "", notes: str = "", cluster_datasets=None,
+                   tolerances_mm=(1.0,), selection_rule: str = "", notes: str = "", cluster_datasets=None,
                    n_clusters: int = 12, cluster_options: dict | None = None, amp: bool = False) -> dict:
     """Evaluate every checkpoint on every volume set; write ``evaluation.csv``, ``summary.md`` and,
     when ``cluster_datasets = (source_slices, target_slices)`` is given, ``clusters.png`` (one panel per
@@ -171,7 +159,7 @@ def run_evaluation(network, checkpoints: dict, datasets: dict, inferer, output_d
         load_network_weights(network, checkpoint)
         for set_name, dataset in datasets.items():
             logger.info(f"evaluating {model_name} ({checkpoint}) on {set_name}: {len(dataset)} volumes")
-            for row in evaluate_volumes(network, dataset, inferer, device=device, tolerance_mm=tolerance_mm, amp=amp):
+            for row in evaluate_volumes(network, dataset, inferer, device=device, tolerances_mm=tolerances_mm, amp=amp):
                 rows.append({"model": model_name, "set": set_name, **row})
         if cluster_datasets is not None:
             with BottleneckTap(network) as tap:
@@ -179,7 +167,7 @@ def run_evaluation(network, checkpoints: dict, datasets: dict, inferer, output_d
                     network, tap, *cluster_datasets, n_clusters, device=device, amp=amp, progress=False,
                     label=f"{model_name} model: ", **(cluster_options or {})
                 )
-    table = summarize(rows, tolerance_mm)
+    table = summarize(rows, tolerances_mm)
     command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else ""
     summary = "\n".join(
         [
@@ -187,9 +175,9 @@ def run_evaluation(network, checkpoints: dict, datasets: dict, inferer, output_d
             "",
             table,
             "",
-            f"- checkpoints: " + ", ".join(f"{k} = `{v}`" for k, v in checkpoints.items()),
+            "- checkpoints: " + ", ".join(f"{k} = `{v}`" for k, v in checkpoints.items()),
             f"- model selection: {selection_rule or 'not stated'}",
-            f"- metric: per-volume 3D surface Dice at {tolerance_mm:g} mm (each volume's own voxel spacing) and Dice, "
+            f"- metric: per-volume 3D surface Dice at {', '.join(f'{t:g}' for t in tolerances_mm)} mm (each volume's own voxel spacing) and Dice, "
             "foreground class, mean +/- std over volumes, in %",
             f"- command: `{command}`",
             *([f"- {line}" for line in notes.splitlines() if line.strip()]),

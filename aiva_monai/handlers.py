@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -41,7 +42,7 @@ class AIVAClusteringHandler:
         batch_size, num_workers: of the embedding passes.
         image_key, index_key: keys of the image and of the dataset index in a sample.
         pca_components, sketch_dim, tsne_method, perplexity, seed, n_jobs: see ``cluster_sites``.
-        progress: show a progress bar over the embedding batches.
+        progress: show a progress bar over the embedding batches (default: when stderr is a terminal).
         name: logger name.
 
     The clustering of the current epoch is in ``state_dict()`` / ``load_state_dict()``: save the handler
@@ -64,7 +65,7 @@ class AIVAClusteringHandler:
         perplexity: float = 30.0,
         seed: int = 0,
         n_jobs: int = -1,
-        progress: bool = True,
+        progress: bool | None = None,
         name: str | None = None,
     ) -> None:
         if interval < 1:
@@ -80,7 +81,7 @@ class AIVAClusteringHandler:
         self.cluster_kwargs = dict(pca_components=pca_components, tsne_method=tsne_method, perplexity=perplexity, n_jobs=n_jobs)
         self.sketch_dim = int(sketch_dim)
         self.seed = int(seed)
-        self.progress = progress
+        self.progress = sys.stderr.isatty() if progress is None else progress
         self.logger = logging.getLogger(name or __name__)
         self.clustering: SiteClustering | None = None
         self.clustered_epoch: int | None = None

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -12,6 +10,8 @@ import SimpleITK as sitk
 import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
+
+from aiva_monai.io import write_nifti_atomic
 
 __all__ = ["find_scans", "read_scan", "LoadScand", "SaveMaskd"]
 
@@ -145,14 +145,7 @@ class SaveMaskd(MapTransform):
             source = Path(str(out[self.image_key].meta.get("filename_or_obj", ""))) if isinstance(out[self.image_key], MetaTensor) else None
             if source is not None and source.exists() and target.resolve() == source.resolve():
                 raise ValueError(f"{target}: refusing to overwrite the input scan; choose another output_dir.")
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            handle, temporary = tempfile.mkstemp(dir=self.output_dir, prefix=f".{target.name}.", suffix=".nii.gz")
-            os.close(handle)
-            try:
-                nib.save(nib.Nifti1Image(array, affine), temporary)
-                os.replace(temporary, target)
-            finally:
-                Path(temporary).unlink(missing_ok=True)
+            write_nifti_atomic(array, affine, target)
             spacing = np.linalg.norm(affine[:3, :3], axis=0)
             out["mask_path"] = str(target)
             out["mask_ml"] = float(array.astype(bool).sum() * np.prod(spacing) / 1000.0)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -13,22 +11,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from aiva_monai.clustering import SiteClustering  # noqa: E402
+from aiva_monai.io import atomic_path  # noqa: E402
 
 __all__ = ["plot_clusterings", "save_figure_atomic"]
 
 
 def save_figure_atomic(figure, path: str | Path, dpi: int = 110) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(handle)
     try:
-        figure.savefig(temporary, dpi=dpi, bbox_inches="tight")
-        os.replace(temporary, path)
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, dpi=dpi, bbox_inches="tight")
     finally:
-        Path(temporary).unlink(missing_ok=True)
         plt.close(figure)
-    return path
+    return Path(path)
 
 
 def plot_clusterings(clusterings: dict[str, SiteClustering], path: str | Path, title: str = "") -> Path:

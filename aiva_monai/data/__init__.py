@@ -1,5 +1,5 @@
 from aiva_monai.data.cc359 import CC359_SITES, cc359_datalist, find_cc359, write_cc359_datalist
-from aiva_monai.data.datalist import load_datalist, sites_of, write_json_atomic
+from aiva_monai.data.datalist import load_datalist, sites_of
 from aiva_monai.data.demo import DEMO_SITES, make_demo_dataset
 from aiva_monai.data.ixi import ixi_datalist, ixi_sim_datalist
 from aiva_monai.data.simulate import PRESETS, ScannerChange, SimulateScannerd, simulate_scanner
@@ -23,5 +23,4 @@ __all__ = [
     "sites_of",
     "volume_transforms",
     "write_cc359_datalist",
-    "write_json_atomic",
 ]

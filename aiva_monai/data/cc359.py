@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aiva_monai.data.datalist import write_json_atomic
+from aiva_monai.io import write_json_atomic
 
 __all__ = ["CC359_SITES", "find_cc359", "cc359_datalist", "write_cc359_datalist"]
 

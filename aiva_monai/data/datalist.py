@@ -15,31 +15,14 @@ simulated-scanner image when loaded, and its site name says "simulated".
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from monai.data import load_decathlon_datalist
 
-__all__ = ["load_datalist", "write_json_atomic", "sites_of"]
+__all__ = ["load_datalist", "sites_of"]
 
 SPLITS = ("training", "validation", "test")
-
-
-def write_json_atomic(path: str | Path, content: dict) -> Path:
-    """Write JSON to a temporary file beside ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(content, stream, indent=2)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def sites_of(datalist_file: str | Path) -> dict[str, list[str]]:

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from aiva_monai.data.datalist import write_json_atomic
-from aiva_monai.data.simulate import _write_nifti_atomic
+from aiva_monai.io import write_json_atomic, write_nifti_atomic
 
 __all__ = ["phantom_head", "make_demo_dataset", "DEMO_SITES"]
 
@@ -79,8 +77,8 @@ def make_demo_dataset(output_dir, n_subjects=(8, 1, 3), shape=(48, 64, 64), spac
                 image, mask = phantom_head(shape, spacing, seed=seed * 10_000 + number)
                 number += 1
                 image_path, mask_path = output_dir / f"{subject}.nii.gz", output_dir / f"{subject}_brainmask.nii.gz"
-                _write_nifti_atomic(image, affine, image_path, "SYNTHETIC phantom (aiva-monai demo)")
-                _write_nifti_atomic(mask, affine, mask_path, "SYNTHETIC phantom mask (aiva-monai demo)")
+                write_nifti_atomic(image, affine, image_path, "SYNTHETIC phantom (aiva-monai demo)")
+                write_nifti_atomic(mask, affine, mask_path, "SYNTHETIC phantom mask (aiva-monai demo)")
                 entry = {"image": image_path.name, "label": mask_path.name, "subject": subject, "site": site, "synthetic": True}
                 if site_index == 1:
                     entry["simulate"] = {"preset": target_change, "seed": seed}

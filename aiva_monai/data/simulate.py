@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +35,8 @@ from monai.data import MetaTensor
 from monai.transforms import GibbsNoise, MapTransform, RandBiasField
 from scipy import ndimage
 
-from aiva_monai.data.datalist import load_datalist, write_json_atomic
+from aiva_monai.data.datalist import load_datalist
+from aiva_monai.io import write_json_atomic, write_nifti_atomic
 
 __all__ = ["ScannerChange", "PRESETS", "simulate_scanner", "SimulateScannerd", "subject_seed"]
 
@@ -144,19 +143,6 @@ class SimulateScannerd(MapTransform):
         return out
 
 
-def _write_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: Path, description: str) -> None:
-    image = nib.Nifti1Image(array, affine)
-    image.header["descrip"] = description[:79].encode()
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".nii.gz")
-    os.close(handle)
-    try:
-        nib.save(image, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def write_simulated_site(datalist_file, split, sites, change, seed, output_dir, site_name, base_dir=None) -> Path:
     """Write simulated images of every (split, sites) entry to ``output_dir`` and a datalist beside them.
 
@@ -175,7 +161,7 @@ def write_simulated_site(datalist_file, split, sites, change, seed, output_dir, 
             raise ValueError(f"{source}: refusing to overwrite an input image; choose another --output-dir.")
         loaded = nib.load(str(source))
         simulated = simulate_scanner(loaded.get_fdata(), change, subject_seed(seed, entry.get("subject", source.name)))
-        _write_nifti_atomic(simulated, loaded.affine, target, f"SIMULATED scanner ({site_name})")
+        write_nifti_atomic(simulated, loaded.affine, target, f"SIMULATED scanner ({site_name})")
         entries.append({**entry, "image": str(target), "site": site_name, "simulated": True, "source_site": entry.get("site")})
     description = (
         f"SIMULATED site {site_name}: {dataclasses.asdict(change)}, seed {seed}, from {datalist_file} "
