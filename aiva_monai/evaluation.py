@@ -153,6 +153,8 @@ def run_evaluation(network, checkpoints: dict, datasets: dict, inferer, output_d
         {"rows": per-volume rows, "summary": markdown table, "files": written paths}.
     """
     output_dir = Path(output_dir)
+    if cluster_datasets is not None and (isinstance(cluster_datasets, str) or len(cluster_datasets) != 2):
+        raise ValueError(f"cluster_datasets must be (source slices, target slices) or None, got {cluster_datasets!r}.")
     network = network.to(device)
     rows, clusterings = [], {}
     for model_name, checkpoint in checkpoints.items():
@@ -168,7 +170,10 @@ def run_evaluation(network, checkpoints: dict, datasets: dict, inferer, output_d
                     label=f"{model_name} model: ", **(cluster_options or {})
                 )
     table = summarize(rows, tolerances_mm)
-    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else ""
+    program = Path(sys.argv[0]) if sys.argv else Path("")
+    # `python -m monai.bundle run ...` shows up as .../monai/bundle/__main__.py
+    launcher = f"python -m {'.'.join(program.parent.parts[-2:])}" if program.name == "__main__.py" else program.name
+    command = " ".join([launcher, *sys.argv[1:]])
     summary = "\n".join(
         [
             "# Evaluation",
