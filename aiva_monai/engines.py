@@ -13,7 +13,7 @@ from monai.utils import CommonKeys as Keys
 from aiva_monai.losses import AIVALoss
 from aiva_monai.networks import BottleneckTap
 
-__all__ = ["AIVATrainer", "ClusterAssignment"]
+__all__ = ["AIVATrainer", "ClusterAssignment", "TargetBatchMixin"]
 
 
 @dataclass
@@ -33,7 +33,38 @@ class ClusterAssignment:
     epoch: int
 
 
-class AIVATrainer(SupervisedTrainer):
+class TargetBatchMixin:
+    """One unlabelled target batch per iteration, for trainers whose ``train_data_loader`` is the source.
+
+    The subclass sets ``target_data_loader``, ``target_image_key`` and ``_target_iterator = None`` in its
+    ``__init__``. ``next_target_batch`` cycles over the target loader independently of the source epochs
+    (a new pass, reshuffled by the loader, each time it runs out); ``target_inputs`` reads the image and
+    nothing else, so a trainer that only uses it never touches a target label.
+    """
+
+    target_data_loader: Iterable
+    target_image_key: str = Keys.IMAGE
+    _target_iterator = None
+
+    def next_target_batch(self) -> dict:
+        """Next target batch, restarting (and reshuffling) the target loader when it runs out."""
+        if self._target_iterator is not None:
+            try:
+                return next(self._target_iterator)
+            except StopIteration:
+                pass
+        self._target_iterator = iter(self.target_data_loader)
+        try:
+            return next(self._target_iterator)
+        except StopIteration:
+            raise ValueError("the target data loader yields no batch: the target dataset is empty.") from None
+
+    def target_inputs(self, target_batch) -> torch.Tensor:
+        """The (B, C, *spatial) image of a target batch on the training device (the only key read)."""
+        return torch.as_tensor(target_batch[self.target_image_key]).to(self.state.device, non_blocking=self.non_blocking)
+
+
+class AIVATrainer(TargetBatchMixin, SupervisedTrainer):
     """Per iteration: one labelled source batch (the usual ``train_data_loader``) and one unlabelled
     target batch (``target_data_loader``, cycled). Only ``target_image_key`` and ``target_index_key``
     of a target batch are read; target labels, if present, are never touched.
@@ -91,19 +122,6 @@ class AIVATrainer(SupervisedTrainer):
         )
         self.state.aiva_assignment = None
 
-    def next_target_batch(self) -> dict:
-        """Next target batch, restarting (and reshuffling) the target loader when it runs out."""
-        if self._target_iterator is not None:
-            try:
-                return next(self._target_iterator)
-            except StopIteration:
-                pass
-        self._target_iterator = iter(self.target_data_loader)
-        try:
-            return next(self._target_iterator)
-        except StopIteration:
-            raise ValueError("the target data loader yields no batch: the target dataset is empty.") from None
-
     def _iteration(self, engine: AIVATrainer, batchdata: dict) -> dict:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
@@ -117,9 +135,7 @@ class AIVATrainer(SupervisedTrainer):
         args, kwargs = (batch[2], batch[3]) if len(batch) == 4 else ((), {})
 
         target_batch = engine.next_target_batch()
-        target_inputs = torch.as_tensor(target_batch[engine.target_image_key]).to(
-            engine.state.device, non_blocking=engine.non_blocking
-        )
+        target_inputs = engine.target_inputs(target_batch)
         target_index = torch.as_tensor(target_batch[engine.target_index_key]).long().cpu()
         target_clusters = assignment.target_labels[target_index]
 
