@@ -12,6 +12,7 @@ import jsonschema
 from aiva_monai.data.cc359 import find_cc359, write_cc359_datalist
 from aiva_monai.data.datalist import load_datalist
 from aiva_monai.data.demo import DEMO_SITES, make_demo_dataset
+from aiva_monai.data.prostate import find_prostate, make_prostate_demo, write_prostate_datalist
 
 __all__ = [
     "locate_bundle_root",
@@ -19,8 +20,10 @@ __all__ = [
     "datalist_base_dir",
     "is_synthetic",
     "default_site",
+    "other_sites",
     "entries",
     "latest_checkpoint",
+    "require_file",
     "demo_source_model",
     "demo_report",
     "verify_metadata",
@@ -41,35 +44,46 @@ def locate_bundle_root(name: str) -> str:
     raise FileNotFoundError(f"bundle '{name}' not found in {[str(c) for c in candidates]}: pass --bundle_root.")
 
 
-def resolve_datalist(dataset_dir, datalist, output_dir, demo_dir=None) -> str:
+# layout -> (finder of the release's files, datalist writer, SYNTHETIC demo maker, what the files look like)
+LAYOUTS = {
+    "cc359": (find_cc359, write_cc359_datalist, make_demo_dataset, "CC359 files (CCxxxx_<vendor>_<field>_<age>_<sex>.nii.gz)"),
+    "prostate": (find_prostate, write_prostate_datalist, make_prostate_demo,
+                 "prostate site folders (ISBI, ISBI_1.5, I2CVB, UCL, BIDMC, HK) with CaseNN.nii.gz"),
+}
+
+
+def resolve_datalist(dataset_dir, datalist, output_dir, demo_dir=None, layout: str = "cc359") -> str:
     """Path of the datalist JSON to use.
 
     - ``datalist`` given: that file (a datalist JSON, see ``aiva_monai.data.datalist``);
-    - no ``dataset_dir``: the built-in SYNTHETIC demo set, made under ``demo_dir`` (default
-      ``<output_dir>/demo_data``) on first use;
-    - ``dataset_dir`` holding CC359 files: a per-site 45/5/10 split written to ``<output_dir>/datalist_cc359.json``;
-    - ``dataset_dir`` holding ``datalist.json``: that file.
+    - no ``dataset_dir``: the built-in SYNTHETIC demo set of ``layout``, made under ``demo_dir``
+      (default ``<output_dir>/demo_data``) on first use;
+    - ``dataset_dir`` holding ``datalist.json``: that file;
+    - ``dataset_dir`` holding the release files of ``layout`` ("cc359": per-site 45/5/10 split;
+      "prostate": per-site 60/15/25 % split): a datalist written to ``<output_dir>/datalist_<layout>.json``.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown data layout {layout!r}; layouts: {sorted(LAYOUTS)}.")
+    finder, writer, demo_maker, looks_like = LAYOUTS[layout]
     if datalist:
         path = Path(datalist)
         if not path.is_file():
             raise FileNotFoundError(f"datalist {path} does not exist.")
         return str(path)
     if not dataset_dir:
-        return str(make_demo_dataset(Path(demo_dir or Path(output_dir) / "demo_data")))
+        return str(demo_maker(Path(demo_dir or Path(output_dir) / "demo_data")))
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
         raise FileNotFoundError(f"dataset_dir {dataset_dir} does not exist.")
     if (dataset_dir / "datalist.json").is_file():
         return str(dataset_dir / "datalist.json")
     try:
-        find_cc359(dataset_dir)
+        finder(dataset_dir)
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"dataset_dir {dataset_dir}: no CC359 files (CCxxxx_<vendor>_<field>_<age>_<sex>.nii.gz) and no datalist.json; "
-            "pass --datalist with a datalist JSON."
+            f"dataset_dir {dataset_dir}: no {looks_like} and no datalist.json; pass --datalist with a datalist JSON."
         ) from None
-    return str(write_cc359_datalist(dataset_dir, Path(output_dir) / "datalist_cc359.json"))
+    return str(writer(dataset_dir, Path(output_dir) / f"datalist_{layout}.json"))
 
 
 def is_synthetic(datalist_file) -> bool:
@@ -96,11 +110,33 @@ def default_site(datalist_file, role: str, site=None):
     return found
 
 
+def other_sites(datalist_file, target: str, sites=None) -> list[str]:
+    """Leave-one-site-out sources: ``sites`` if given (a list, or one comma-separated string), else every
+    site of the datalist's training split except ``target``. Their union is one source for the clustering."""
+    if sites:
+        chosen = [s.strip() for s in sites.split(",")] if isinstance(sites, str) else [str(s) for s in sites]
+        if target in chosen:
+            raise ValueError(f"the target site {target} is also listed as a source site ({chosen}).")
+        return chosen
+    content = json.loads(Path(datalist_file).read_text())
+    chosen = sorted({e.get("site") for e in content.get("training", []) if e.get("site") and e.get("site") != target})
+    if not chosen:
+        raise ValueError(f"{datalist_file}: no training site other than the target {target}.")
+    return chosen
+
+
 def entries(datalist_file, split, sites, base_dir, labels: bool = True) -> list[dict]:
     """Datalist entries; with ``labels=False`` the ``label`` key is removed, so no code path can read a
     target label (adaptation never sees one)."""
     found = load_datalist(datalist_file, split, sites, base_dir=base_dir, require_labels=labels)
     return found if labels else [{k: v for k, v in e.items() if k != "label"} for e in found]
+
+
+def require_file(path, what: str) -> str:
+    """``path`` if it is a file, else FileNotFoundError naming it and ``what`` it should be."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} does not exist ({what}).")
+    return str(path)
 
 
 def latest_checkpoint(folder) -> str | None:
@@ -113,27 +149,28 @@ def latest_checkpoint(folder) -> str | None:
     return str(max(found)[1]) if found else None
 
 
-def demo_source_model(bundle_root, model_path, datalist_file, max_steps: int = 300) -> str:
-    """The demo's source model at ``model_path``: pretrain.json run once (``max_steps``) on the SYNTHETIC source site."""
+def demo_source_model(bundle_root, model_path, datalist_file, max_steps: int = 300, **overrides) -> str:
+    """The demo's source model at ``model_path``: pretrain.json run once (``max_steps``, plus ``overrides``
+    such as ``target_site``) on the SYNTHETIC source site(s)."""
     model = Path(model_path)
     if not model.is_file():
         from monai.bundle import run
 
         logger.info(f"demo: pretraining a source model on the synthetic source site into {model.parent}")
         run(config_file=str(Path(bundle_root) / "configs" / "pretrain.json"), output_dir=str(model.parent),
-            datalist=str(datalist_file), max_steps=int(max_steps), epoch_length=min(100, int(max_steps)))
+            datalist=str(datalist_file), max_steps=int(max_steps), epoch_length=min(100, int(max_steps)), **overrides)
     if not model.is_file():
         raise RuntimeError(f"demo pretraining finished without writing {model}.")
     return str(model)
 
 
-def demo_report(bundle_root, output_dir, datalist_file) -> dict:
+def demo_report(bundle_root, output_dir, datalist_file, **overrides) -> dict:
     """After the demo's adaptation: run the evaluate overlay (source and adapted model on the synthetic
     target and source test subjects) and print the scores."""
     from monai.bundle import run
 
     configs = Path(bundle_root) / "configs"
-    run(config_file=[str(configs / "train.json"), str(configs / "evaluate.json")], output_dir=str(output_dir), datalist=str(datalist_file))
+    run(config_file=[str(configs / "train.json"), str(configs / "evaluate.json")], output_dir=str(output_dir), datalist=str(datalist_file), **overrides)
     summary = Path(output_dir) / "evaluation" / "summary.md"
     print(f"\nSYNTHETIC demo finished: scores above, also in {summary}; figures in {summary.parent}.")
     return {"summary": str(summary)}

@@ -16,7 +16,7 @@ from ignite.engine import Events
 from monai.data import DataLoader
 from monai.engines import SupervisedEvaluator
 from monai.handlers import MeanDice, from_engine
-from monai.transforms import Activationsd, AsDiscreted, Compose
+from monai.transforms import Activationsd, AsDiscreted, Compose, KeepLargestConnectedComponentd
 
 from aiva_monai.embedding import embed_and_cluster
 from aiva_monai.handlers import SurfaceDiceHandler
@@ -55,7 +55,7 @@ def surface_dice_key(tolerance_mm: float) -> str:
 
 
 def evaluate_volumes(network, dataset, inferer, *, device="cpu", tolerances_mm=(1.0,), num_classes: int = 2,
-                     amp: bool = False, num_workers: int = 0) -> list[dict]:
+                     amp: bool = False, num_workers: int = 0, largest_component: bool = False) -> list[dict]:
     """Dice and surface Dice (at each of ``tolerances_mm``, each volume's own spacing) of every 3D volume.
 
     Args:
@@ -63,16 +63,17 @@ def evaluate_volumes(network, dataset, inferer, *, device="cpu", tolerances_mm=(
         dataset: preprocessed volumes (dicts with channel-first ``image`` and ``label`` MetaTensors,
             plus ``subject`` and ``site``).
         inferer: e.g. ``monai.inferers.SliceInferer`` running the 2D network over the volume.
+        tolerances_mm: surface-Dice tolerances; empty for Dice only.
+        largest_component: keep only the largest connected component of each foreground class
+            (prostate post-processing). An empty prediction stays empty and scores Dice 0.
 
     Returns:
         One dict per volume: subject, site, dice, surface_dice_<t>mm for each tolerance, predicted_ml, reference_ml.
     """
-    postprocessing = Compose(
-        [
-            Activationsd("pred", softmax=True),
-            AsDiscreted(("pred", "label"), argmax=(True, False), to_onehot=num_classes),
-        ]
-    )
+    steps = [Activationsd("pred", softmax=True), AsDiscreted(("pred", "label"), argmax=(True, False), to_onehot=num_classes)]
+    if largest_component:
+        steps.append(KeepLargestConnectedComponentd("pred", applied_labels=list(range(1, num_classes)), is_onehot=True))
+    postprocessing = Compose(steps)
     pair = from_engine(["pred", "label"])
     evaluator = SupervisedEvaluator(
         device=torch.device(device),
@@ -88,13 +89,14 @@ def evaluate_volumes(network, dataset, inferer, *, device="cpu", tolerances_mm=(
 
     @evaluator.on(Events.ITERATION_COMPLETED)
     def _collect(engine):
-        for item in engine.state.output:
+        # the evaluator's output holds only image/label/pred; subject and site stay in the (decollated) batch
+        for item, entry in zip(engine.state.output, engine.state.batch):
             (spacing,) = voxel_spacing(item["label"][None])
             voxel_ml = float(np.prod(spacing)) / 1000.0
             rows.append(
                 {
-                    "subject": item.get("subject", ""),
-                    "site": item.get("site", ""),
+                    "subject": entry.get("subject", ""),
+                    "site": entry.get("site", ""),
                     "predicted_ml": round(float(item["pred"][1:].sum()) * voxel_ml, 2),
                     "reference_ml": round(float(item["label"][1:].sum()) * voxel_ml, 2),
                 }
@@ -117,12 +119,18 @@ def summarize(rows: list[dict], tolerances_mm=(1.0,)) -> str:
     keys = [*map(surface_dice_key, tolerances_mm), "dice"]
     titles = [f"surface Dice @ {t:g} mm" for t in tolerances_mm] + ["Dice"]
     lines = ["| model | set | volumes | " + " | ".join(titles) + " |", "|---|---|---|" + "---|" * len(keys)]
-    for (model, name), members in groups.items():
+    def line(model, name, members):
         cells = []
         for key in keys:
             values = 100 * np.array([m[key] for m in members], dtype=float)
             cells.append(f"{np.nanmean(values):.2f} +/- {np.nanstd(values):.2f}")
-        lines.append(f"| {model} | {name} | {len(members)} | " + " | ".join(cells) + " |")
+        return f"| {model} | {name} | {len(members)} | " + " | ".join(cells) + " |"
+
+    for (model, name), members in groups.items():
+        lines.append(line(model, name, members))
+        sites = sorted({str(m.get("site", "")) for m in members})
+        if len(sites) > 1:  # a union of sites (prostate sources): one line per site as well
+            lines += [line(model, f"{name}: site {site}", [m for m in members if str(m.get("site", "")) == site]) for site in sites]
     return "\n".join(lines)
 
 
@@ -137,7 +145,8 @@ def _write_csv(rows: list[dict], path: Path) -> Path:
 
 def run_evaluation(network, checkpoints: dict, datasets: dict, inferer, output_dir, *, device="cpu",
                    tolerances_mm=(1.0,), selection_rule: str = "", notes: str = "", cluster_datasets=None,
-                   n_clusters: int = 12, cluster_options: dict | None = None, amp: bool = False) -> dict:
+                   n_clusters: int = 12, cluster_options: dict | None = None, amp: bool = False,
+                   largest_component: bool = False) -> dict:
     """Evaluate every checkpoint on every volume set; write ``evaluation.csv``, ``summary.md`` and,
     when ``cluster_datasets = (source_slices, target_slices)`` is given, ``clusters.png`` (one panel per
     checkpoint: the joint embedding, matched clusters in the same colour).
@@ -148,6 +157,7 @@ def run_evaluation(network, checkpoints: dict, datasets: dict, inferer, output_d
         datasets: {"target test": dataset, "source test": dataset} of preprocessed volumes.
         selection_rule: how the checkpoints were chosen, written next to every number.
         notes: extra lines for the summary (data set, synthetic or simulated, ...).
+        tolerances_mm, largest_component: see ``evaluate_volumes``.
 
     Returns:
         {"rows": per-volume rows, "summary": markdown table, "files": written paths}.
@@ -161,7 +171,8 @@ def run_evaluation(network, checkpoints: dict, datasets: dict, inferer, output_d
         load_network_weights(network, checkpoint)
         for set_name, dataset in datasets.items():
             logger.info(f"evaluating {model_name} ({checkpoint}) on {set_name}: {len(dataset)} volumes")
-            for row in evaluate_volumes(network, dataset, inferer, device=device, tolerances_mm=tolerances_mm, amp=amp):
+            for row in evaluate_volumes(network, dataset, inferer, device=device, tolerances_mm=tolerances_mm, amp=amp,
+                                        largest_component=largest_component):
                 rows.append({"model": model_name, "set": set_name, **row})
         if cluster_datasets is not None:
             with BottleneckTap(network) as tap:
@@ -182,8 +193,10 @@ def run_evaluation(network, checkpoints: dict, datasets: dict, inferer, output_d
             "",
             "- checkpoints: " + ", ".join(f"{k} = `{v}`" for k, v in checkpoints.items()),
             f"- model selection: {selection_rule or 'not stated'}",
-            f"- metric: per-volume 3D surface Dice at {', '.join(f'{t:g}' for t in tolerances_mm)} mm (each volume's own voxel spacing) and Dice, "
-            "foreground class, mean +/- std over volumes, in %",
+            "- metric: per-volume 3D "
+            + (f"surface Dice at {', '.join(f'{t:g}' for t in tolerances_mm)} mm (each volume's own voxel spacing) and " if tolerances_mm else "")
+            + "Dice, foreground class, mean +/- std over volumes, in %; an empty prediction scores 0"
+            + ("; largest connected component kept" if largest_component else ""),
             f"- command: `{command}`",
             *([f"- {line}" for line in notes.splitlines() if line.strip()]),
             "",

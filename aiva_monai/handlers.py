@@ -17,7 +17,7 @@ from aiva_monai.embedding import embed_and_cluster
 from aiva_monai.engines import ClusterAssignment
 from aiva_monai.metrics import VolumeSurfaceDiceMetric
 
-__all__ = ["AIVAClusteringHandler", "SurfaceDiceHandler"]
+__all__ = ["AIVAClusteringHandler", "SurfaceDiceHandler", "per_group_cluster_counts", "source_slice_groups"]
 
 _ARRAY_FIELDS = ("source_labels", "target_labels", "embedding", "source_centers", "target_centers", "match")
 
@@ -43,6 +43,9 @@ class AIVAClusteringHandler:
         image_key, index_key: keys of the image and of the dataset index in a sample.
         pca_components, sketch_dim, tsne_method, perplexity, seed, n_jobs: see ``cluster_sites``.
         progress: show a progress bar over the embedding batches (default: when stderr is a terminal).
+        group_key: volume entry key naming each source slice's site (``SliceDataset`` data). When the
+            source holds several sites (leave-one-site-out), their union is clustered as one source and
+            each site's share of every source cluster is logged and kept in ``history``.
         name: logger name.
 
     The clustering of the current epoch is in ``state_dict()`` / ``load_state_dict()``: save the handler
@@ -66,6 +69,7 @@ class AIVAClusteringHandler:
         seed: int = 0,
         n_jobs: int = -1,
         progress: bool | None = None,
+        group_key: str | None = "site",
         name: str | None = None,
     ) -> None:
         if interval < 1:
@@ -82,6 +86,7 @@ class AIVAClusteringHandler:
         self.sketch_dim = int(sketch_dim)
         self.seed = int(seed)
         self.progress = sys.stderr.isatty() if progress is None else progress
+        self.source_groups = source_slice_groups(source_dataset, group_key) if group_key else None
         self.logger = logging.getLogger(name or __name__)
         self.clustering: SiteClustering | None = None
         self.clustered_epoch: int | None = None
@@ -141,6 +146,8 @@ class AIVAClusteringHandler:
             "target_cluster_max": int(result.target_sizes.max()),
             **{f"time_{stage}": float(seconds) for stage, seconds in result.timings.items()},
         }
+        if self.source_groups is not None and len(set(self.source_groups)) > 1:
+            summary["source_sites"] = per_group_cluster_counts(self.source_groups, result.source_labels, self.n_clusters)
         self.history.append(summary)
         times = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in result.timings.items())
         self.logger.info(
@@ -148,6 +155,15 @@ class AIVAClusteringHandler:
             f"{summary['source_cluster_max']} slices, target clusters of {summary['target_cluster_min']}-"
             f"{summary['target_cluster_max']} slices; {times}; matched cost {result.matched_cost:.3g}"
         )
+        if "source_sites" in summary:
+            self.logger.info(
+                f"AIVA epoch {epoch}: source sites (one source for the clustering): "
+                + "; ".join(
+                    f"{site} {stats['slices']} slices in {stats['clusters_used']}/{self.n_clusters} clusters, "
+                    f"at most {100 * stats['largest_share']:.0f}% in one"
+                    for site, stats in summary["source_sites"].items()
+                )
+            )
         return result
 
     def _hand_over(self, engine: Engine) -> None:
@@ -194,6 +210,28 @@ class AIVAClusteringHandler:
                 f"checkpoint holds {self.clustering.n_clusters} clusters, the handler is set up for {self.n_clusters}."
             )
         self.clustered_epoch = int(state["clustered_epoch"])
+
+
+def source_slice_groups(dataset, key: str = "site") -> np.ndarray | None:
+    """The ``key`` of every slice's volume entry, for a ``SliceDataset`` (None for other datasets)."""
+    data, counts = getattr(dataset, "data", None), getattr(dataset, "slice_counts", None)
+    if data is None or counts is None:
+        return None
+    return np.repeat(np.asarray([str(entry.get(key, "?")) for entry in data], dtype=object), counts)
+
+
+def per_group_cluster_counts(groups: np.ndarray, labels: np.ndarray, n_clusters: int) -> dict:
+    """For each group (site): slice count, per-cluster slice counts (k,), clusters used, largest share."""
+    stats = {}
+    for group in sorted(set(groups.tolist())):
+        counts = np.bincount(np.asarray(labels)[groups == group], minlength=n_clusters)
+        stats[group] = {
+            "slices": int(counts.sum()),
+            "cluster_counts": counts.tolist(),
+            "clusters_used": int((counts > 0).sum()),
+            "largest_share": float(counts.max() / max(1, counts.sum())),
+        }
+    return stats
 
 
 class SurfaceDiceHandler(IgniteMetricHandler):

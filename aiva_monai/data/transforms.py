@@ -6,9 +6,11 @@ from collections.abc import Sequence
 
 import torch
 from monai.transforms import (
+    AsDiscreted,
     Compose,
     EnsureTyped,
     LoadImaged,
+    MapTransform,
     NormalizeIntensityd,
     Orientationd,
     ResizeWithPadOrCropd,
@@ -18,7 +20,36 @@ from monai.transforms import (
 
 from aiva_monai.data.simulate import SimulateScannerd
 
-__all__ = ["volume_transforms"]
+__all__ = ["volume_transforms", "NeighbourSlicesd"]
+
+
+class NeighbourSlicesd(MapTransform):
+    """Adds the ``context`` neighbouring slices on each side as extra channels (2.5D input, as the
+    prostate reference code does): (C, X, Y, Z) -> (C * (2 * context + 1), X, Y, Z), channel order
+    slice ``s - context`` ... ``s + context``, edges repeated. Geometry is unchanged, so slicing the
+    result along ``slice_axis`` gives each slice with its neighbours, for training and 3D inference alike.
+    """
+
+    def __init__(self, keys, slice_axis: int, context: int = 1, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if context < 0:
+            raise ValueError(f"context must be >= 0, got {context}.")
+        self.slice_axis = int(slice_axis)
+        self.context = int(context)
+
+    def __call__(self, data):
+        out = dict(data)
+        for key in self.key_iterator(out):
+            volume = torch.as_tensor(out[key])
+            axis = self.slice_axis + 1
+            length = volume.shape[axis]
+            positions = torch.arange(length, device=volume.device)
+            shifted = [
+                volume.index_select(axis, (positions + offset).clamp(0, length - 1))
+                for offset in range(-self.context, self.context + 1)
+            ]
+            out[key] = torch.cat(shifted, dim=0)
+        return out
 
 
 def volume_transforms(
@@ -33,6 +64,8 @@ def volume_transforms(
     load: bool = True,
     simulate_key: str | None = "simulate",
     compact: bool = True,
+    merge_labels: bool = False,
+    context_slices: int = 0,
 ) -> Compose:
     """Load and preprocess a 3D volume for slicing.
 
@@ -55,6 +88,9 @@ def volume_transforms(
             (``aiva_monai.data.simulate.SimulateScannerd``); None disables it.
         compact: end with the compact cache types (float16 image, uint8 masks) for slice caches;
             False keeps float32, what 3D evaluation and inference feed the network directly.
+        merge_labels: masks with labels above 1 (e.g. prostate zones) become one foreground label.
+        context_slices: add this many neighbouring slices on each side as image channels
+            (``NeighbourSlicesd``); the network then takes ``2 * context_slices + 1`` input channels.
     """
     keys = tuple(keys)
     masks = tuple(k for k in keys if k != image_key)
@@ -65,6 +101,8 @@ def volume_transforms(
         chain.append(LoadImaged(keys, image_only=True, ensure_channel_first=True, allow_missing_keys=True))
     if simulate_key is not None:
         chain.append(SimulateScannerd(image_key, simulate_key))
+    if merge_labels and masks:
+        chain.append(AsDiscreted(masks, threshold=0.5, allow_missing_keys=True))
     chain.append(Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True))
     if pixdim is not None:
         modes = ["bilinear" if k == image_key else "nearest" for k in keys]
@@ -80,6 +118,8 @@ def volume_transforms(
     else:
         raise ValueError(f"intensity must be 'percentile' or 'zscore', got {intensity!r}.")
     chain.append(ResizeWithPadOrCropd(keys, spatial_size=spatial_size, allow_missing_keys=True))
+    if context_slices:
+        chain.append(NeighbourSlicesd(image_key, slice_axis, context_slices))
     if compact:
         chain.append(EnsureTyped(image_key, dtype=torch.float16 if intensity == "percentile" else torch.float32))
         if masks:
