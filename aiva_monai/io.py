@@ -3,6 +3,8 @@ place when complete, so an interrupted run never leaves a half-written file unde
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
@@ -12,7 +14,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-__all__ = ["atomic_path", "write_text_atomic", "write_json_atomic", "write_nifti_atomic"]
+# the process umask, read once at import (os.umask can only be read by setting it): temporary files are
+# created 0600 by mkstemp, and get the mode a plain open() would have given them before the rename
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+__all__ = ["atomic_path", "write_text_atomic", "write_json_atomic", "write_nifti_atomic", "write_csv_atomic", "check_writable_dir"]
 
 
 @contextmanager
@@ -26,6 +33,7 @@ def atomic_path(path: str | Path):
     os.close(handle)
     try:
         yield Path(temporary)
+        os.chmod(temporary, 0o666 & ~_UMASK)
         os.replace(temporary, path)
     finally:
         Path(temporary).unlink(missing_ok=True)
@@ -48,3 +56,32 @@ def write_nifti_atomic(array, affine, path: str | Path, description: str | None 
     with atomic_path(path) as temporary:
         nib.save(image, str(temporary))
     return Path(path)
+
+
+def write_csv_atomic(path: str | Path, rows, fieldnames) -> Path:
+    """Writes ``rows`` (dicts; keys outside ``fieldnames`` are dropped) as CSV with a header line."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(fieldnames), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text_atomic(path, buffer.getvalue())
+
+
+def check_writable_dir(folder: str | Path, what: str = "output_dir") -> Path:
+    """Creates ``folder`` if needed and checks that a file can be created in it (by creating and removing
+    one), so a run fails before any work rather than after it.
+
+    Raises:
+        PermissionError naming the folder (``what`` names the setting, e.g. "output_dir").
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".write_test.")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise PermissionError(
+            f"{what} {folder} is not writable ({error.strerror or error}): choose another --{what} or fix its permissions."
+        ) from None
+    return folder

@@ -3,13 +3,77 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.data import CacheDataset
 from monai.transforms import Compose
 
-__all__ = ["SliceDataset"]
+__all__ = ["SliceDataset", "check_volume_files"]
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def _nifti_header(path: str, key: str):
+    try:
+        return nib.load(path)
+    except Exception as error:  # a corrupt or foreign file: say which one
+        raise ValueError(f"{key} file {path} cannot be read as NIfTI: {error}") from None
+
+
+def check_volume_files(entry: dict, keys: Sequence[str] = ("image", "label"), affine_atol: float = 1e-3) -> None:
+    """Header-only checks of one datalist entry's NIfTI files (no voxel data read): each readable, 3D (a
+    trailing axis of length 1 allowed), and every other key's file (the masks) of the same shape and
+    affine (within ``affine_atol``) as the first key's (the image). Keys missing from the entry, and
+    values that are not NIfTI file paths (arrays, other formats), are skipped.
+
+    Raises:
+        ValueError naming the file(s) and the problem.
+    """
+    headers = {}
+    for key in keys:
+        value = entry.get(key)
+        if isinstance(value, (str, Path)) and str(value).endswith(NIFTI_SUFFIXES):
+            image = _nifti_header(str(value), key)
+            shape = tuple(image.shape)
+            if len(shape) == 4 and shape[3] == 1:
+                shape = shape[:3]
+            if len(shape) != 3:
+                kind = {2: "2D (one slice)", 4: "4D (a time series or several volumes)"}.get(len(shape), f"{len(shape)}D")
+                raise ValueError(f"{key} file {value}: expected a 3D volume, got a {kind} image of shape {tuple(image.shape)}.")
+            headers[key] = (str(value), shape, image.affine)
+    if not headers or keys[0] not in headers:
+        return
+    reference, shape, affine = headers[keys[0]]
+    for key, (path, other_shape, other_affine) in headers.items():
+        if key == keys[0]:
+            continue
+        if other_shape != shape:
+            raise ValueError(f"{key} file {path} has shape {other_shape} but {keys[0]} file {reference} has shape {shape}: "
+                             "they must be in the same voxel grid.")
+        if not np.allclose(other_affine, affine, atol=affine_atol):
+            raise ValueError(
+                f"{key} file {path} and {keys[0]} file {reference} have different affines (largest difference "
+                f"{np.abs(other_affine - affine).max():.4g}, tolerance {affine_atol:g}): they must be in the same voxel grid.\n"
+                f"{keys[0]}: {np.array2string(affine, precision=3)}\n{key}: {np.array2string(other_affine, precision=3)}"
+            )
+
+
+class _VolumeCache(CacheDataset):
+    """A ``CacheDataset`` whose loading errors name the volume (MONAI's say only "applying transform ...")."""
+
+    def _load_cache_item(self, idx: int):
+        try:
+            return super()._load_cache_item(idx)
+        except Exception as error:
+            root = error
+            while root.__cause__ is not None:
+                root = root.__cause__
+            entry = self.data[idx]
+            files = ", ".join(f"{k} {v}" for k, v in entry.items() if isinstance(v, (str, Path)) and k not in ("subject", "site"))
+            raise ValueError(f"volume ({files}) cannot be loaded and preprocessed: {type(root).__name__}: {root}") from error
 
 
 class SliceDataset(torch.utils.data.Dataset):
@@ -32,6 +96,14 @@ class SliceDataset(torch.utils.data.Dataset):
     A sample is a dict with, for each present key, a float32 (C, H, W) tensor; ``index_key`` (int);
     ``volume`` (position of its volume in ``data``); ``slice`` (its position along ``slice_axis``);
     and every non-array entry of its volume's dict (``subject``, ``site``, ...).
+
+    Raises:
+        ValueError naming the file(s): before caching (``check_volume_files``, headers only) a NIfTI file
+        that cannot be read, is not 3D, or a mask whose shape or affine differs from its image's; while
+        caching, a volume that cannot be loaded or preprocessed (e.g. a truncated file); after caching, a
+        NaN or Inf value left in a volume after preprocessing. NaN intensities always end there (they
+        spread through resampling and intensity scaling); a few Inf voxels (under 0.5 %) are clipped to
+        the 99.5th percentile by the "percentile" scaling like any outlier, and then train normally.
     """
 
     def __init__(
@@ -49,6 +121,9 @@ class SliceDataset(torch.utils.data.Dataset):
             raise ValueError(f"slice_axis must be 0, 1 or 2, got {slice_axis}.")
         if len(data) == 0:
             raise ValueError("SliceDataset got an empty datalist: no volume to slice.")
+        for entry in data:  # fail before minutes of caching, naming the files
+            if isinstance(entry, dict):
+                check_volume_files(entry, keys)
         self.data = list(data)
         self.keys = tuple(keys)
         self.slice_axis = slice_axis
@@ -57,7 +132,7 @@ class SliceDataset(torch.utils.data.Dataset):
         if isinstance(transform, Compose):
             # CacheDataset stops caching at the first Randomizable step, and a nested Compose counts as one
             transform = transform.flatten()
-        self.volumes = CacheDataset(
+        self.volumes = _VolumeCache(
             self.data, transform=transform, cache_rate=1.0, num_workers=cache_num_workers, copy_cache=False, progress=progress
         )
         counts = []
@@ -72,6 +147,15 @@ class SliceDataset(torch.utils.data.Dataset):
                     f"volume {self._describe(position)}: expected channel-first 3D arrays of one shape for {self.keys}, "
                     f"got shapes {[tuple(a.shape) for a in arrays]}."
                 )
+            for key in self.keys:
+                if key in volume and torch.is_floating_point(torch.as_tensor(volume[key])):
+                    bad = int((~torch.isfinite(torch.as_tensor(volume[key]))).sum())
+                    if bad:
+                        raise ValueError(
+                            f"volume {self._describe(position)}: {bad} NaN or Inf values in '{key}' after preprocessing "
+                            "(the file holds NaN or Inf intensities, or overflows the cache type); "
+                            "fix the file or drop it from the datalist."
+                        )
             counts.append(next(iter(shapes))[slice_axis])
         self.slice_counts = np.asarray(counts, dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(self.slice_counts)])
