@@ -378,7 +378,7 @@ class InferenceEvaluator(SupervisedEvaluator):
     (``FileNotFoundError`` naming it).
 
     Fallbacks, logged and written to the row's message: a constant image (every voxel equal, e.g. all
-    zero) gets an empty mask without a prediction; an empty mask or, with ``volume_range_ml``, a mask
+    zero) gets an empty mask (the network output is discarded); an empty mask or, with ``volume_range_ml``, a mask
     volume outside that range is flagged for checking the overlay.
 
     Args:
@@ -485,7 +485,7 @@ class InferenceEvaluator(SupervisedEvaluator):
                            volume_ml="" if volume is None else f"{volume:.2f}")
                 if self._constant_input:
                     notes.insert(0, f"the image is constant (every voxel has the same value, e.g. all zero): no {self.organ} "
-                                    "to segment, an empty mask was written without running the network")
+                                    "to segment, an empty mask was written (the network output is discarded)")
                 elif volume == 0:
                     notes.insert(0, f"empty mask: no {self.organ} voxel found; check the image and the overlay")
                 elif volume is not None and self.volume_range_ml and not self.volume_range_ml[0] <= volume <= self.volume_range_ml[1]:

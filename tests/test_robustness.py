@@ -192,7 +192,7 @@ def test_all_zero_image_gives_an_empty_mask_and_a_warning(tmp_path, small_checkp
     assert row["status"] == "ok" and row["volume_ml"] == "0.00"
     assert row["message"].startswith(
         "the image is constant (every voxel has the same value, e.g. all zero): no brain to segment, "
-        "an empty mask was written without running the network"
+        "an empty mask was written (the network output is discarded)"
     )
     mask = nib.load(row["mask"])
     assert mask.shape == (30, 30, 16) and not np.asarray(mask.dataobj).any()
