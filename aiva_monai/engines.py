@@ -10,6 +10,7 @@ from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 
+from aiva_monai.data.samplers import SeededEndlessSampler
 from aiva_monai.losses import AIVALoss
 from aiva_monai.networks import BottleneckTap
 
@@ -47,17 +48,49 @@ class TargetBatchMixin:
     _target_iterator = None
 
     def next_target_batch(self) -> dict:
-        """Next target batch, restarting (and reshuffling) the target loader when it runs out."""
+        """Next target batch, restarting (and reshuffling) the target loader when it runs out.
+
+        With a ``SeededEndlessSampler`` the target order is resumable: the number of target samples
+        drawn is part of ``state_dict()``, and a resumed run continues the stream where it was.
+        """
         if self._target_iterator is not None:
             try:
-                return next(self._target_iterator)
+                return self._count_target(next(self._target_iterator))
             except StopIteration:
                 pass
+        sampler = getattr(self.target_data_loader, "sampler", None)
+        if isinstance(sampler, SeededEndlessSampler):
+            sampler.position = int(getattr(self.state, "target_samples", 0))
         self._target_iterator = iter(self.target_data_loader)
         try:
-            return next(self._target_iterator)
+            return self._count_target(next(self._target_iterator))
         except StopIteration:
             raise ValueError("the target data loader yields no batch: the target dataset is empty.") from None
+
+    def _count_target(self, batch: dict) -> dict:
+        self.state.target_samples = int(getattr(self.state, "target_samples", 0)) + len(batch[self.target_image_key])
+        return batch
+
+    def _setup_engine(self) -> None:
+        # ignite re-creates the source iterator when a run starts or resumes: position a resumable sampler
+        # at the samples already consumed, so the resumed run sees the uninterrupted run's batches
+        loader = self.state.dataloader
+        sampler, batch_size = getattr(loader, "sampler", None), getattr(loader, "batch_size", None)
+        if isinstance(sampler, SeededEndlessSampler) and batch_size:
+            sampler.position = int(self.state.iteration) * int(batch_size)
+        super()._setup_engine()
+
+    def state_dict(self):
+        state = super().state_dict()
+        state["target_samples"] = int(getattr(self.state, "target_samples", 0))
+        return state
+
+    def load_state_dict(self, state_dict) -> None:
+        state_dict = dict(state_dict)
+        target_samples = int(state_dict.pop("target_samples", 0))
+        super().load_state_dict(state_dict)
+        self.state.target_samples = target_samples
+        self._target_iterator = None
 
     def target_inputs(self, target_batch) -> torch.Tensor:
         """The (B, C, *spatial) image of a target batch on the training device (the only key read)."""

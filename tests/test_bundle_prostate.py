@@ -147,3 +147,6 @@ def test_inference_writes_prostate_masks_in_the_input_geometry(tmp_path, release
     image = nib.load(str(scan))
     assert mask.shape == image.shape and mask.get_data_dtype() == np.uint8
     np.testing.assert_allclose(mask.affine, image.affine, atol=1e-5)
+    assert (tmp_path / "out" / "Case01_prostate.png").stat().st_size > 1000  # overlay for visual QA
+    summary = (tmp_path / "out" / "summary.csv").read_text().splitlines()
+    assert summary[0].startswith("case,input,mask,overlay,volume_ml") and summary[1].startswith("Case01,") and ",ok," in summary[1]

@@ -1,0 +1,121 @@
+"""Faults: an adaptation killed with SIGKILL (between clustering epochs, and mid-epoch) and restarted with
+the same command resumes from its last checkpoint (clustering state, calibrated lambda, data order,
+best-model tracking) and ends exactly where an uninterrupted run with the same seed ends."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import run
+
+from aiva_monai.data import SeededEndlessSampler
+from aiva_monai.data.prostate import make_prostate_demo
+
+CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "aiva_prostate" / "configs"
+TRAIN = json.loads((CONFIGS / "train.json").read_text())
+SETTINGS = {
+    "network_def#channels": [8, 16, 32, 64], "network_def#blocks_per_level": 1, "pixdim": [2.0, 2.0, 0.0], "in_plane_size": [48, 48],
+    "batch_size": 4, "log_every": 1, "target_site": "F",
+}
+# 4 epochs of 2 steps; clustering at the start of epochs 1 and 3; lambda calibrated over the first 3 steps
+ADAPT = {"max_steps": 8, "epoch_length": 2, "cluster_every": 4, "n_clusters": 3, "calibration_iterations": 3,
+         "cluster_options#tsne_method": "sklearn"}
+
+
+def test_seeded_endless_sampler_resumes_at_any_position():
+    sampler = SeededEndlessSampler(range(5), seed=3)
+    stream = iter(sampler)
+    first = [next(stream) for _ in range(17)]
+    assert sorted(first[:5]) == sorted(first[5:10]) == list(range(5)) and first[:5] != first[5:10]
+    for position in (0, 4, 5, 12):
+        sampler.position = position
+        resumed = iter(sampler)
+        assert [next(resumed) for _ in range(17 - position)] == first[position:]
+
+
+@pytest.fixture(scope="module")
+def source_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("faults")
+    make_prostate_demo(folder / "demo", cases_per_site=4, shape=(48, 48, 10))
+    release = folder / "demo" / "SYNTHETIC_prostate"
+    common = {"dataset_dir": str(release), "work_dir": str(folder), **SETTINGS}
+    run(config_file=str(CONFIGS / "pretrain.json"), max_steps=4, epoch_length=2, **common)
+    return folder, common
+
+
+def bundle_command(config_files, overrides):
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps([str(c) for c in config_files])]
+    for key, value in overrides.items():
+        command += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
+    return command
+
+
+def adapt(folder, common, output, kill_at=None):
+    """The adaptation command in a fresh process; ``kill_at`` = an ignite event filter expression after
+    which the process SIGKILLs itself (no clean-up, like a lost node)."""
+    configs = [CONFIGS / "train.json"]
+    if kill_at:
+        overlay = {
+            "imports": TRAIN["imports"] + ["$import os", "$import signal", "$import ignite"],
+            "initialize": TRAIN["initialize"]
+            + [f"$@train#trainer.add_event_handler({kill_at}, lambda engine: os.kill(os.getpid(), signal.SIGKILL))"],
+        }
+        (output.parent / "kill.json").write_text(json.dumps(overlay))
+        configs.append(output.parent / "kill.json")
+    done = subprocess.run(bundle_command(configs, {**common, **ADAPT, "output_dir": str(output)}), capture_output=True, text=True)
+    return done
+
+
+def final_state(output):
+    (checkpoint,) = (output / "checkpoints").glob("checkpoint*.pt")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    best = torch.load(output / "model.pt", map_location="cpu", weights_only=True)
+    return checkpoint.name, state, best
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(source_model):
+    folder, common = source_model
+    output = folder / "uninterrupted"
+    done = adapt(folder, common, output)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return final_state(output)
+
+
+@pytest.mark.parametrize(
+    "kill_at, resumed_from",
+    [
+        ("ignite.engine.Events.EPOCH_COMPLETED(once=2)", "checkpoint_epoch=2.pt"),  # between clustering epochs
+        ("ignite.engine.Events.ITERATION_COMPLETED(once=7)", "checkpoint_epoch=3.pt"),  # mid-epoch, after a re-clustering
+    ],
+)
+def test_killed_adaptation_resumes_and_ends_like_an_uninterrupted_run(source_model, uninterrupted, tmp_path, kill_at, resumed_from):
+    folder, common = source_model
+    (tmp_path / "run").mkdir()
+    output = tmp_path / "run" / "adapt"
+    killed = adapt(folder, common, output, kill_at=kill_at)
+    assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL: no handler ran after the kill
+    assert [p.name for p in (output / "checkpoints").glob("checkpoint*.pt")] == [resumed_from]
+
+    restarted = adapt(folder, common, output)  # the same command again
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert f"Restored all variables from {output / 'checkpoints' / resumed_from}" in restarted.stderr + restarted.stdout
+
+    name, state, best = final_state(output)
+    reference_name, reference, reference_best = uninterrupted
+    assert name == reference_name == "checkpoint_epoch=4.pt"  # the earlier checkpoint was replaced, not kept
+    for key, value in reference["model"].items():
+        assert torch.equal(state["model"][key], value), key
+    for key, value in reference_best.items():
+        assert torch.equal(best[key], value), f"best model.pt differs at {key}"
+    assert state["loss"]["_extra_state"]["lambda_value"] == reference["loss"]["_extra_state"]["lambda_value"] is not None
+    assert state["trainer"]["target_samples"] == reference["trainer"]["target_samples"] == 8 * 4
+    assert state["savers"] == reference["savers"] and "best_model/key_metric" in state["savers"]
+    for key in ("source_labels", "target_labels", "match", "source_means"):
+        np.testing.assert_array_equal(np.asarray(state["clustering"][key]), np.asarray(reference["clustering"][key]))
+    strip = lambda history: [{k: v for k, v in h.items() if not k.startswith("time_")} for h in history]  # noqa: E731
+    assert strip(state["clustering"]["history"]) == strip(reference["clustering"]["history"])
