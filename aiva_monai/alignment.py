@@ -115,3 +115,54 @@ def alignment_loss(
     anchor_ids = match_t.to(source_means.device)[present.to(source_means.device)]
     anchors = source_means.detach()[anchor_ids].to(device=features.device, dtype=features.dtype)
     return ((target_means - anchors) ** 2).sum()
+
+
+def global_alignment_loss(
+    target_features: torch.Tensor,
+    target_clusters: torch.Tensor,
+    source_means: torch.Tensor,
+    match,
+    group=None,
+) -> tuple[torch.Tensor, bool]:
+    """``alignment_loss`` of the union of every process's target batch (torch.distributed).
+
+    Each rank sums its target features per cluster; the (k, D) sums and (k,) counts are all-reduced
+    (the sums differentiably, ``torch.distributed.nn.functional.all_reduce``), so every rank gets the
+    loss a single process would compute on the concatenated batch. Under DistributedDataParallel the
+    gradient then equals the single-process gradient: the all-reduce's backward sums the W ranks'
+    identical upstream gradients and DDP divides the parameter gradients by W.
+
+    Returns:
+        (loss, whether any sample of the global batch carries a cluster).
+    """
+    import torch.distributed as dist
+    from torch.distributed.nn.functional import all_reduce
+
+    batch_size = target_features.shape[0]
+    features = target_features.reshape(batch_size, -1)
+    if features.dtype in (torch.float16, torch.bfloat16):
+        features = features.float()
+    clusters = torch.as_tensor(target_clusters).long().reshape(-1)
+    if clusters.numel() != batch_size:
+        raise ValueError(f"target_clusters has {clusters.numel()} entries for a batch of {batch_size} samples.")
+    match_t = torch.as_tensor(np.asarray(match)).long().reshape(-1)
+    k = match_t.numel()
+    if source_means.ndim != 2 or source_means.shape[1] != features.shape[1] or source_means.shape[0] != k:
+        raise ValueError(f"source_means must be ({k}, {features.shape[1]}), got {tuple(source_means.shape)}.")
+    if clusters.numel() and int(clusters.max()) >= k:
+        raise ValueError(f"target cluster id {int(clusters.max())} is out of range for k = {k}.")
+    assigned = torch.nonzero(clusters >= 0).reshape(-1)
+    index = clusters[assigned].to(features.device)
+    sums = torch.zeros(k, features.shape[1], dtype=features.dtype, device=features.device)
+    sums = sums.index_add(0, index, features.index_select(0, assigned.to(features.device)))
+    counts = torch.zeros(k, dtype=features.dtype, device=features.device)
+    counts.index_add_(0, index, torch.ones_like(index, dtype=features.dtype))
+    dist.all_reduce(counts, group=group)
+    sums = all_reduce(sums, group=group)
+    present = torch.nonzero(counts > 0).reshape(-1)
+    if present.numel() == 0:
+        return features.sum() * 0.0, False
+    target_means = sums.index_select(0, present) / counts.index_select(0, present)[:, None]
+    anchor_ids = match_t.to(source_means.device)[present.to(source_means.device)]
+    anchors = source_means.detach()[anchor_ids].to(device=features.device, dtype=features.dtype)
+    return ((target_means - anchors) ** 2).sum(), True

@@ -43,6 +43,7 @@ __all__ = [
     "cluster_sketches",
     "cluster_sites",
     "TSNE_METHODS",
+    "torch_pca",
 ]
 
 logger = logging.getLogger(__name__)
@@ -199,6 +200,32 @@ def _tsne(points: np.ndarray, method: str, perplexity: float, seed: int, n_jobs:
     raise ValueError(f"unknown tsne_method {method!r}; choose one of {TSNE_METHODS}.")
 
 
+def torch_pca(points, n_components: int, device=None) -> np.ndarray:
+    """PCA scores (n, n_components) computed with torch (on ``device``, e.g. a GPU), as float32 numpy.
+
+    Exact (SVD of the centred (n, m) matrix, via the m x m covariance when n >= m), so the result equals
+    scikit-learn's ``PCA(n_components).fit_transform`` up to the sign of each component and float
+    rounding. Signs follow scikit-learn's convention (``svd_flip``: the largest-magnitude loading of each
+    component is positive).
+    """
+    x = torch.as_tensor(points)
+    x = x.to(device if device is not None else x.device, torch.float64 if x.device.type == "cpu" and device is None else torch.float32)
+    x = x - x.mean(dim=0, keepdim=True)
+    n, m = x.shape
+    k = max(1, min(int(n_components), n, m))
+    if n >= m:
+        values, vectors = torch.linalg.eigh(x.T @ x)  # ascending
+        components = vectors[:, torch.argsort(values, descending=True)[:k]]  # (m, k)
+    else:
+        _, _, vh = torch.linalg.svd(x, full_matrices=False)
+        components = vh[:k].T
+    largest = components.abs().argmax(dim=0)
+    signs = torch.sign(components[largest, torch.arange(k, device=components.device)])
+    signs[signs == 0] = 1
+    components = components * signs
+    return (x @ components).float().cpu().numpy()
+
+
 def cluster_sketches(
     source_sketch,
     target_sketch,
@@ -210,6 +237,7 @@ def cluster_sketches(
     seed: int = 0,
     n_jobs: int = -1,
     kmeans_n_init: int = 10,
+    pca_device=None,
 ) -> SiteClustering:
     """Steps 2-4 on (projected) features: joint PCA, joint t-SNE, per-site k-means, matching.
 
@@ -223,10 +251,19 @@ def cluster_sketches(
         seed: seeds PCA, t-SNE and k-means; a fixed seed gives identical results.
         n_jobs: threads for t-SNE (-1: all cores).
         kmeans_n_init: k-means restarts.
+        pca_device: None (default) runs scikit-learn's PCA on the CPU; a torch device ("cuda", "cuda:1")
+            runs the exact PCA with torch there (``torch_pca``). Sketches given as CUDA tensors use
+            their device.
 
     Returns:
         SiteClustering with ``source_means`` left as None.
     """
+    if pca_device is None and torch.is_tensor(source_sketch) and source_sketch.is_cuda:
+        pca_device = source_sketch.device
+    if torch.is_tensor(source_sketch):
+        source_sketch = source_sketch.detach().cpu().numpy()
+    if torch.is_tensor(target_sketch):
+        target_sketch = target_sketch.detach().cpu().numpy()
     source = np.asarray(source_sketch, dtype=np.float32)
     target = np.asarray(target_sketch, dtype=np.float32)
     if source.ndim != 2 or target.ndim != 2 or source.shape[1] != target.shape[1]:
@@ -243,7 +280,10 @@ def cluster_sketches(
 
     start = time.perf_counter()
     n_components = max(1, min(pca_components, n_total, joint.shape[1]))
-    reduced = PCA(n_components=n_components, random_state=seed).fit_transform(joint)
+    if pca_device is not None and torch.device(pca_device).type != "cpu":
+        reduced = torch_pca(joint, n_components, device=pca_device)
+    else:
+        reduced = PCA(n_components=n_components, random_state=seed).fit_transform(joint)
     timings["pca"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -9,9 +9,15 @@ import torch
 from monai.losses import DiceCELoss
 from torch import nn
 
-from aiva_monai.alignment import alignment_loss
+from aiva_monai.alignment import alignment_loss, global_alignment_loss
 
 __all__ = ["AIVALoss"]
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class AIVALoss(nn.Module):
@@ -28,6 +34,11 @@ class AIVALoss(nn.Module):
         calibration_iterations: N, number of calls used to calibrate lambda (default 10).
         fixed_lambda: use this lambda from the first call and never calibrate.
         lambda_multiplier: factor applied to the calibrated lambda.
+        sync_alignment: under torch.distributed (initialised, more than one process), compute L_align on
+            the union of all ranks' target batches (``global_alignment_loss``): every rank then has the same
+            L_align and the same calibrated lambda, and DDP gradients equal a single process's with the
+            ranks' batches concatenated. False: each rank aligns its own target batch only (lambda is
+            still calibrated on the ranks' mean L_align, so all ranks use one lambda).
 
     The calibration state (recorded losses, lambda) is part of ``state_dict()``, so a checkpoint
     restores it and a resumed run neither recalibrates nor changes lambda.
@@ -39,6 +50,7 @@ class AIVALoss(nn.Module):
         calibration_iterations: int = 10,
         fixed_lambda: float | None = None,
         lambda_multiplier: float = 1.0,
+        sync_alignment: bool = True,
     ) -> None:
         super().__init__()
         if calibration_iterations < 1:
@@ -52,6 +64,7 @@ class AIVALoss(nn.Module):
         self.lambda_multiplier = float(lambda_multiplier)
         self.lambda_value: float | None = None if fixed_lambda is None else float(fixed_lambda)
         self.calibration_losses: list[float] = []
+        self.sync_alignment = bool(sync_alignment)
 
     @property
     def calibrated(self) -> bool:
@@ -81,9 +94,23 @@ class AIVALoss(nn.Module):
         """Returns a dict: ``loss`` (the total, differentiable), ``seg_loss`` and ``align_loss`` (detached
         tensors) and ``lambda`` (float, the weight applied to L_align in this call: 0 while calibrating)."""
         seg = self.seg_loss(source_pred, source_label)
-        align = alignment_loss(target_features, target_clusters, source_means, match)
-        has_clusters = bool((torch.as_tensor(target_clusters) >= 0).any())
-        weight = self._weight(align, has_clusters)
+        group_size = _world_size()
+        if group_size > 1 and self.sync_alignment:
+            align, has_clusters = global_alignment_loss(target_features, target_clusters, source_means, match)
+            weight = self._weight(align, has_clusters)
+        else:
+            align = alignment_loss(target_features, target_clusters, source_means, match)
+            has_clusters = bool((torch.as_tensor(target_clusters) >= 0).any())
+            if group_size > 1 and not self.calibrated:  # one lambda for all ranks: calibrate on their mean
+                import torch.distributed as dist
+
+                reduced = torch.tensor([float(align.detach()) if has_clusters else 0.0, float(has_clusters)], dtype=torch.float64,
+                                       device=align.device)
+                dist.all_reduce(reduced)
+                has_clusters = bool(reduced[1] > 0)
+                weight = self._weight(reduced[0] / reduced[1].clamp(min=1), has_clusters)
+            else:
+                weight = self._weight(align, has_clusters)
         total = seg + weight * align if weight else seg + 0.0 * align
         return {"loss": total, "seg_loss": seg.detach(), "align_loss": align.detach(), "lambda": weight}
 
