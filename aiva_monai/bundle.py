@@ -27,6 +27,10 @@ __all__ = [
     "demo_source_model",
     "demo_report",
     "verify_metadata",
+    "present",
+    "save_weights",
+    "copy_weights",
+    "write_method_card",
 ]
 
 logger = logging.getLogger(__name__)
@@ -183,3 +187,66 @@ def verify_metadata(meta_file, schema_file=REPOSITORY / "bundles" / "schema" / "
     jsonschema.validate(meta, schema)
     if meta["version"] not in meta["changelog"]:
         raise ValueError(f"{meta_file}: version {meta['version']} has no changelog entry.")
+
+
+# -- method overlays (configs/methods/*.json) ---------------------------------------------------------------
+
+
+def present(mapping: dict) -> dict:
+    """``mapping`` without its None values: a method overlay sets the checkpoint entries it does not use
+    (e.g. AIVA's clustering state) to None, and the savers / loaders get the rest."""
+    return {key: value for key, value in dict(mapping).items() if value is not None}
+
+
+def save_weights(network, path) -> str:
+    """The network's state dict written atomically to ``path`` (bare, like the model-zoo ``model.pt``)."""
+    import torch
+
+    from aiva_monai.io import atomic_path
+    from aiva_monai.networks import _unwrap
+
+    with atomic_path(path) as temporary:
+        torch.save(_unwrap(network).state_dict(), temporary)
+    return str(path)
+
+
+def copy_weights(source, path) -> str:
+    """The ``source`` checkpoint's network weights (bare, or under "model"/"network") saved as ``path``:
+    the ``source`` method's "adapted" model is the source model itself."""
+    import torch
+
+    from aiva_monai.io import atomic_path
+
+    state = torch.load(require_file(source, "source model"), map_location="cpu", weights_only=True)
+    for key in ("network", "model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    with atomic_path(path) as temporary:
+        torch.save(state, temporary)
+    return str(path)
+
+
+def write_method_card(output_dir, method: str, selection_rule: str, reads_target_labels: bool, **settings) -> str:
+    """``<output_dir>/method.json``: the method of a run, whether it reads target labels, its model-selection
+    rule and reference, and ``settings`` (hyper-parameters). ``reads_target_labels`` (from the overlay) must
+    agree with ``aiva_monai.baselines.METHODS``: only ``oracle`` reads target labels."""
+    from aiva_monai.baselines import METHODS, reads_target_labels as known
+
+    if bool(reads_target_labels) != known(method):
+        raise ValueError(f"method {method!r}: the config says reads_target_labels={reads_target_labels}, "
+                         f"aiva_monai.baselines.METHODS says {known(method)}.")
+    from aiva_monai.io import write_json_atomic
+
+    card = {
+        "method": method,
+        "reads_target_labels": known(method),
+        "selection_rule": selection_rule,
+        "summary": METHODS[method].summary,
+        "reference": METHODS[method].reference,
+        "settings": {key: (value if isinstance(value, (int, float, str, bool, type(None), list, dict)) else str(value))
+                     for key, value in settings.items()},
+    }
+    path = Path(output_dir) / "method.json"
+    write_json_atomic(path, card)
+    return str(path)
