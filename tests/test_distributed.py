@@ -165,3 +165,21 @@ def test_sampler_ranks_split_the_single_process_stream():
                     assert list(islice(iter(sampler), 10)) == expected
     with pytest.raises(ValueError, match="rank"):
         SeededEndlessSampler(range(3), rank=2, world_size=2)
+
+
+@pytest.mark.parametrize("bundle", ["aiva_brain", "aiva_prostate"])
+def test_overlays_follow_their_train_json(bundle):
+    """The overlay replaces train.json's imports / initialize / run lists and indexes its handlers: it must
+    keep every train.json item (drift check when train.json changes)."""
+    configs = ROOT / "bundles" / bundle / "configs"
+    train = json.loads((configs / "train.json").read_text())
+    overlay = json.loads((configs / "multi_gpu_train.json").read_text())
+    assert set(train["imports"]) <= set(overlay["imports"])
+    saver = "$@checkpointing#saver.attach(@train#trainer)"
+    expected = [item + " if dist.get_rank() == 0 else None" if item == saver else item for item in train["initialize"]]
+    assert overlay["initialize"][2:] == expected and "init_process_group(backend=@backend)" in overlay["initialize"][0]
+    assert "$@train#trainer.run()" in overlay["run"] and overlay["finalize"] == ["$dist.is_initialized() and dist.destroy_process_group()"]
+    handlers = [h["_target_"] for h in train["train"]["handlers"]]
+    assert handlers[:2] == ["CheckpointLoader", "aiva_monai.handlers.AIVAClusteringHandler"]  # kept on every rank
+    assert handlers[2:] == ["ValidationHandler", "StatsHandler", "TensorBoardStatsHandler"]  # rank 0 only
+    assert [h["_target_"] for h in train["validate"]["handlers"]][:2] == ["StatsHandler", "TensorBoardStatsHandler"]
