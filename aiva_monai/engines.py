@@ -73,7 +73,10 @@ class TargetBatchMixin:
 
     def _setup_engine(self) -> None:
         # ignite re-creates the source iterator when a run starts or resumes: position a resumable sampler
-        # at the samples already consumed, so the resumed run sees the uninterrupted run's batches
+        # at the samples already consumed, so the resumed run sees the uninterrupted run's batches.
+        # Under torch.distributed the positions (this one and ``target_samples``) count the samples of
+        # *this rank*, which is what a ``SeededEndlessSampler(rank=..., world_size=...)`` position means;
+        # an exact resume therefore needs the same number of processes.
         loader = self.state.dataloader
         sampler, batch_size = getattr(loader, "sampler", None), getattr(loader, "batch_size", None)
         if isinstance(sampler, SeededEndlessSampler) and batch_size:
