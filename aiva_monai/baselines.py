@@ -675,21 +675,7 @@ class SegJDOTTrainer(TargetBatchMixin, SupervisedTrainer):
             engine.state.output["jdot_loss"] = jdot.detach()
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
 
-        if engine.amp and engine.scaler is not None:
-            with torch.autocast("cuda", **engine.amp_kwargs):
-                _forward_and_loss()
-            engine.scaler.scale(engine.state.output[Keys.LOSS]).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            _forward_and_loss()
-            engine.state.output[Keys.LOSS].backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.optimizer.step()
-        engine.bottleneck_tap.features = None  # drop the graph reference until the next pass
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return engine.state.output
+        return engine.step_with(_forward_and_loss)
 
 
 # ----------------------------------------------------------------------------------------------------

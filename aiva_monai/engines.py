@@ -95,6 +95,28 @@ class TargetBatchMixin:
         self.state.target_samples = target_samples
         self._target_iterator = None
 
+    def step_with(self, forward_and_loss) -> dict:
+        """Runs ``forward_and_loss`` (which fills ``state.output`` with the loss and fires FORWARD_COMPLETED
+        and LOSS_COMPLETED), then backward and one optimiser step, under AMP with the grad scaler when the
+        trainer uses it; fires BACKWARD_COMPLETED and MODEL_COMPLETED. Returns ``state.output``."""
+        if self.amp and self.scaler is not None:
+            with torch.autocast("cuda", **self.amp_kwargs):
+                forward_and_loss()
+            self.scaler.scale(self.state.output[Keys.LOSS]).backward()
+            self.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            forward_and_loss()
+            self.state.output[Keys.LOSS].backward()
+            self.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            self.optimizer.step()
+        tap = getattr(self, "bottleneck_tap", None)
+        if tap is not None:
+            tap.features = None  # drop the graph reference until the next pass
+        self.fire_event(IterationEvents.MODEL_COMPLETED)
+        return self.state.output
+
     def target_inputs(self, target_batch) -> torch.Tensor:
         """The (B, C, *spatial) image of a target batch on the training device (the only key read)."""
         return torch.as_tensor(target_batch[self.target_image_key]).to(self.state.device, non_blocking=self.non_blocking)
@@ -198,18 +220,4 @@ class AIVATrainer(TargetBatchMixin, SupervisedTrainer):
             engine.state.output["lambda"] = parts["lambda"]
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
 
-        if engine.amp and engine.scaler is not None:
-            with torch.autocast("cuda", **engine.amp_kwargs):
-                _forward_and_loss()
-            engine.scaler.scale(engine.state.output[Keys.LOSS]).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            _forward_and_loss()
-            engine.state.output[Keys.LOSS].backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.optimizer.step()
-        engine.bottleneck_tap.features = None  # drop the graph reference until the next pass
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return engine.state.output
+        return engine.step_with(_forward_and_loss)
