@@ -97,8 +97,8 @@ def runs(tmp_path_factory):
     ddp = subprocess.Popen(
         command(launcher, ddp_configs, {**common, "work_dir": str(folder / "work_ddp"), "output_dir": str(ddp_out), "batch_size": BATCH}),
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    single_log, _ = single.communicate(timeout=300)
-    ddp_log, _ = ddp.communicate(timeout=300)
+    single_log, _ = single.communicate(timeout=1200)  # generous: a loaded 2-core CI machine
+    ddp_log, _ = ddp.communicate(timeout=1200)
     assert single.returncode == 0, single_log[-4000:]
     assert ddp.returncode == 0, ddp_log[-4000:]
     load = lambda path: torch.load(path, map_location="cpu", weights_only=False)  # noqa: E731
