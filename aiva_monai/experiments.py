@@ -715,7 +715,7 @@ def qualitative_figure(records: list[dict], path: Path, n_slices: int = 3, volum
             axis.set_yticks([])
     figure.suptitle(f"{_row_label(first)}, {volumes[min(volume_index, len(volumes) - 1)].get('subject', '')}: ground truth (green), "
                     f"prediction (red); * reads target labels", fontsize=9)
-    return save_figure_atomic(figure, path)
+    return save_figure_atomic(figure, path, dpi=75)
 
 
 def write_report(output: str | Path, report_dir: str | Path | None = None, figures: bool = True) -> dict:
