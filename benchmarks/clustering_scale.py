@@ -116,7 +116,7 @@ def main() -> None:
         command = [sys.executable, __file__, "--single", str(n), "--shape", *map(str, args.shape), "--batch-size",
                    str(args.batch_size), "--clusters", str(args.clusters), "--tsne-method", args.tsne_method,
                    "--seed", str(args.seed)] + (["--pca-device", args.pca_device] if args.pca_device else [])
-        completed = subprocess.run(command, capture_output=True, text=True, check=True)
+        completed = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", check=True)
         row = json.loads(completed.stdout.strip().splitlines()[-1])
         rows.append(row)
         print("| " + " | ".join(str(row[c]) for c in columns) + " |", flush=True)

@@ -86,7 +86,7 @@ def runs(tmp_path_factory):
     single = subprocess.Popen(
         command([sys.executable], single_configs, {**common, "work_dir": str(folder / "work_single"),
                                                    "output_dir": str(single_out), "batch_size": 2 * BATCH}),
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", errors="replace")
 
     ddp_out = folder / "ddp"
     ddp_out.mkdir()
@@ -96,7 +96,7 @@ def runs(tmp_path_factory):
                 "--rdzv_endpoint=localhost:0"]
     ddp = subprocess.Popen(
         command(launcher, ddp_configs, {**common, "work_dir": str(folder / "work_ddp"), "output_dir": str(ddp_out), "batch_size": BATCH}),
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", errors="replace")
     single_log, _ = single.communicate(timeout=1200)  # generous: a loaded 2-core CI machine
     ddp_log, _ = ddp.communicate(timeout=1200)
     assert single.returncode == 0, single_log[-4000:]

@@ -152,7 +152,7 @@ def test_matrix_killed_with_sigkill_resumes_where_it_stopped(tmp_path):
         cells = grid("ixi-sim", methods=("source", "adabn", "aiva"), steps=10)
         run_matrix(cells, Path({str(tmp_path / "out")!r}), runner, commit="abc")
     """))
-    process = subprocess.Popen([sys.executable, str(script), "slow"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen([sys.executable, str(script), "slow"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", errors="replace")
     lines = []
     for line in process.stdout:
         lines.append(line)
@@ -165,7 +165,7 @@ def test_matrix_killed_with_sigkill_resumes_where_it_stopped(tmp_path):
     process.wait()
     results = ResultsFile(tmp_path / "out" / "results.jsonl")
     assert [r["method"] for r in results.records()] == ["source"], lines
-    restarted = subprocess.run([sys.executable, str(script), "fast"], capture_output=True, text=True, timeout=120)
+    restarted = subprocess.run([sys.executable, str(script), "fast"], capture_output=True, encoding="utf-8", errors="replace", timeout=120)
     assert restarted.returncode == 0, restarted.stderr
     assert "[1/3] source      ixi_hh -> ixi_hh_simulated_strong, seed 0: already recorded, skipped" in restarted.stdout
     assert [r["method"] for r in results.records()] == ["source", "adabn", "aiva"]

@@ -66,7 +66,7 @@ def adapt(folder, common, output, kill_at=None):
         }
         (output.parent / "kill.json").write_text(json.dumps(overlay))
         configs.append(output.parent / "kill.json")
-    done = subprocess.run(bundle_command(configs, {**common, **ADAPT, "output_dir": str(output)}), capture_output=True, text=True)
+    done = subprocess.run(bundle_command(configs, {**common, **ADAPT, "output_dir": str(output)}), capture_output=True, encoding="utf-8", errors="replace")
     return done
 
 
