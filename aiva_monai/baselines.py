@@ -425,18 +425,7 @@ class AdaptSegNetTrainer(TargetBatchMixin, SupervisedTrainer):
         for p, _ in requires_grad:
             p.requires_grad_(False)
         try:
-            if engine.amp and engine.scaler is not None:
-                with torch.autocast("cuda", **engine.amp_kwargs):
-                    _forward_and_loss()
-                engine.scaler.scale(engine.state.output[Keys.LOSS]).backward()
-                engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-                engine.scaler.step(engine.optimizer)
-                engine.scaler.update()
-            else:
-                _forward_and_loss()
-                engine.state.output[Keys.LOSS].backward()
-                engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-                engine.optimizer.step()
+            engine.backward_and_step(_forward_and_loss)
         finally:
             for p, flag in requires_grad:
                 p.requires_grad_(flag)

@@ -215,13 +215,10 @@ def copy_weights(source, path) -> str:
     the ``source`` method's "adapted" model is the source model itself."""
     import torch
 
+    from aiva_monai.evaluation import read_network_weights
     from aiva_monai.io import atomic_path
 
-    state = torch.load(require_file(source, "source model"), map_location="cpu", weights_only=True)
-    for key in ("network", "model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
+    state = read_network_weights(source)
     with atomic_path(path) as temporary:
         torch.save(state, temporary)
     return str(path)

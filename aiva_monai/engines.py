@@ -95,10 +95,10 @@ class TargetBatchMixin:
         self.state.target_samples = target_samples
         self._target_iterator = None
 
-    def step_with(self, forward_and_loss) -> dict:
+    def backward_and_step(self, forward_and_loss) -> None:
         """Runs ``forward_and_loss`` (which fills ``state.output`` with the loss and fires FORWARD_COMPLETED
         and LOSS_COMPLETED), then backward and one optimiser step, under AMP with the grad scaler when the
-        trainer uses it; fires BACKWARD_COMPLETED and MODEL_COMPLETED. Returns ``state.output``."""
+        trainer uses it; fires BACKWARD_COMPLETED."""
         if self.amp and self.scaler is not None:
             with torch.autocast("cuda", **self.amp_kwargs):
                 forward_and_loss()
@@ -111,6 +111,11 @@ class TargetBatchMixin:
             self.state.output[Keys.LOSS].backward()
             self.fire_event(IterationEvents.BACKWARD_COMPLETED)
             self.optimizer.step()
+
+    def step_with(self, forward_and_loss) -> dict:
+        """``backward_and_step``, then drops the bottleneck tap's graph reference and fires MODEL_COMPLETED.
+        Returns ``state.output``."""
+        self.backward_and_step(forward_and_loss)
         tap = getattr(self, "bottleneck_tap", None)
         if tap is not None:
             tap.features = None  # drop the graph reference until the next pass

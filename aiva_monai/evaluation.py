@@ -25,13 +25,14 @@ from aiva_monai.metrics import voxel_spacing
 from aiva_monai.networks import BottleneckTap
 from aiva_monai.visualize import plot_clusterings
 
-__all__ = ["load_network_weights", "evaluate_volumes", "summarize", "run_evaluation"]
+__all__ = ["read_network_weights", "load_network_weights", "evaluate_volumes", "summarize", "run_evaluation"]
 
 logger = logging.getLogger(__name__)
 
 
-def load_network_weights(network: torch.nn.Module, checkpoint: str | Path) -> torch.nn.Module:
-    """Load a state dict saved bare (model-zoo ``models/model.pt``) or under a "network"/"model" key."""
+def read_network_weights(checkpoint: str | Path) -> dict:
+    """The network state dict of a checkpoint saved bare (model-zoo ``models/model.pt``) or under a
+    "network"/"model"/"state_dict" key; errors name the file."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist.")
@@ -41,8 +42,13 @@ def load_network_weights(network: torch.nn.Module, checkpoint: str | Path) -> to
         raise ValueError(f"checkpoint {checkpoint} cannot be read: {error}") from None
     for key in ("network", "model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
+            return state[key]
+    return state
+
+
+def load_network_weights(network: torch.nn.Module, checkpoint: str | Path) -> torch.nn.Module:
+    """Load ``read_network_weights(checkpoint)`` into ``network``."""
+    state = read_network_weights(checkpoint)
     try:
         network.load_state_dict(state)
     except RuntimeError as error:

@@ -42,12 +42,13 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from aiva_monai.baselines import METHODS, reads_target_labels
+from aiva_monai.bundle import REPOSITORY
 from aiva_monai.data.cc359 import CC359_SITES
 from aiva_monai.data.prostate import PROSTATE_SITES
 
@@ -68,7 +69,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-REPOSITORY = Path(__file__).resolve().parents[1]
 BUNDLES = REPOSITORY / "bundles"
 
 # the paper's column order (Tables 1 and 2)

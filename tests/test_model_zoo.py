@@ -12,7 +12,6 @@ import torch
 from monai.bundle import ConfigParser, ckpt_export, onnx_export, verify_net_in_out
 
 from aiva_monai.bundle import verify_metadata
-from aiva_monai.data import volume_transforms
 from aiva_monai.data.demo import phantom_head
 from aiva_monai.data.prostate import phantom_pelvis
 
@@ -46,15 +45,13 @@ def test_verify_net_in_out(bundle):
                       device="cpu", n=1)
 
 
-def preprocessed_slice(bundle: str, image: np.ndarray, affine: np.ndarray, parser: ConfigParser) -> torch.Tensor:
-    """One (1, C, H, W) slice through the middle of a volume, preprocessed as inference.json does."""
+def preprocessed_slice(image: np.ndarray, affine: np.ndarray, parser: ConfigParser) -> torch.Tensor:
+    """One (1, C, H, W) slice through the middle of a volume, preprocessed by inference.json's own chain."""
     from monai.data import MetaTensor
 
+    volume_chain = parser.get_parsed_content("preprocessing#transforms#1")  # what follows reading the scan
     volume = MetaTensor(torch.as_tensor(image, dtype=torch.float32)[None], affine=torch.as_tensor(affine))
-    prepared = volume_transforms(
-        keys=["image"], pixdim=parser["pixdim"], in_plane_size=parser["in_plane_size"], slice_axis=parser["slice_axis"], load=False,
-        simulate_key=None, compact=False, intensity="zscore" if bundle == "aiva_prostate" else "percentile",
-    )({"image": volume})["image"]
+    prepared = volume_chain({"image": volume})["image"]
     axis = parser["slice_axis"]
     middle = prepared.shape[axis + 1] // 2
     return prepared.select(axis + 1, middle)[None].as_tensor()
@@ -92,7 +89,7 @@ def test_brain_export_agrees_on_a_real_ixi_slice(ixi_root, tmp_path):
     parser.read_config(str(configs / "inference.json"))
     scan = sorted((ixi_root / "images").glob("*.nii*"))[0]
     loaded = nib.load(str(scan))
-    slice_ = preprocessed_slice("aiva_brain", loaded.get_fdata(), loaded.affine, parser)
+    slice_ = preprocessed_slice(loaded.get_fdata(), loaded.affine, parser)
     eager = exported_outputs_agree("aiva_brain", BUNDLES / "aiva_brain" / "models" / "model.pt", slice_, tmp_path)
     assert eager.argmax(1).float().mean() > 0.05  # the shipped model finds brain on a real mid-sagittal slice
 
@@ -112,4 +109,4 @@ def test_export_agrees_on_a_synthetic_slice(bundle, tmp_path):
         torch.save(parser.get_parsed_content("network_def").state_dict(), checkpoint)
         image, _ = phantom_pelvis(shape=(100, 80, 14), spacing=(2.0, 2.0, 4.0), seed=1)
         affine = np.diag([2.0, 2.0, 4.0, 1.0])
-    exported_outputs_agree(bundle, checkpoint, preprocessed_slice(bundle, image, affine, parser), tmp_path)
+    exported_outputs_agree(bundle, checkpoint, preprocessed_slice(image, affine, parser), tmp_path)
