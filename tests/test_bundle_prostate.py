@@ -149,4 +149,4 @@ def test_inference_writes_prostate_masks_in_the_input_geometry(tmp_path, release
     np.testing.assert_allclose(mask.affine, image.affine, atol=1e-5)
     assert (tmp_path / "out" / "Case01_prostate.png").stat().st_size > 1000  # overlay for visual QA
     summary = (tmp_path / "out" / "summary.csv").read_text().splitlines()
-    assert summary[0].startswith("case,input,mask,overlay,volume_ml") and summary[1].startswith("Case01,") and ",ok," in summary[1]
+    assert summary[0].startswith("case,input,mask,overlay,dicom_seg,volume_ml") and summary[1].startswith("Case01,") and ",ok," in summary[1]

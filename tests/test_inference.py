@@ -13,7 +13,7 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow, run
 
-from aiva_monai.inference import SUMMARY_FIELDS, describe_error, find_scans, save_overlay
+from aiva_monai.inference import SUMMARY_FIELDS, ExitCode, describe_error, find_scans, save_overlay
 from aiva_monai.networks import PreActResUNet
 from tests.test_bundle_brain import CONFIGS, head_like, oblique_affine, write_dicom_series, write_oblique_nifti
 
@@ -29,9 +29,15 @@ def small_checkpoint(tmp_path_factory):
     return path
 
 
-def infer(dataset_dir, output_dir, checkpoint, **overrides):
-    run(config_file=str(CONFIGS / "inference.json"), dataset_dir=str(dataset_dir), output_dir=str(output_dir),
-        checkpoint=str(checkpoint), logging_file=False, **SMALL, **overrides)
+def infer(dataset_dir, output_dir, checkpoint, exit_code=ExitCode.OK, config=CONFIGS / "inference.json", **overrides):
+    """Runs the inference config in-process; checks its exit code (``InferenceExit`` is a ``SystemExit``)."""
+    try:
+        run(config_file=str(config), dataset_dir=str(dataset_dir), output_dir=str(output_dir), checkpoint=str(checkpoint),
+            logging_file=False, **SMALL, **overrides)
+        code = ExitCode.OK
+    except SystemExit as ended:
+        code = ended.code
+    assert code == exit_code
     return read_summary(Path(output_dir) / "summary.csv")
 
 
@@ -53,7 +59,7 @@ def test_a_bad_case_is_reported_and_skipped_and_the_others_get_mask_overlay_and_
     (scans / "broken.nii.gz").write_bytes(b"not a NIfTI file")
     before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in scans.rglob("*") if p.is_file()}
     with caplog.at_level(logging.INFO, logger="aiva_monai.inference"):
-        rows = infer(scans, tmp_path / "out", small_checkpoint)
+        rows = infer(scans, tmp_path / "out", small_checkpoint, exit_code=ExitCode.SOME_FAILED)
 
     assert list(rows) == ["broken", "oblique_case", "dicom_case"]  # find_scans order, the bad one in the middle of the batch
     broken = rows["broken"]

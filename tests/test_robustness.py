@@ -20,7 +20,7 @@ from aiva_monai.bundle import resolve_datalist
 from aiva_monai.clustering import cluster_sites
 from aiva_monai.data import SliceDataset, load_datalist, volume_transforms
 from aiva_monai.evaluation import load_network_weights
-from aiva_monai.inference import find_scans, read_scan
+from aiva_monai.inference import ExitCode, InferenceExit, find_scans, read_scan
 from aiva_monai.io import check_writable_dir
 from aiva_monai.losses import AIVALoss
 from aiva_monai.networks import PreActResUNet
@@ -37,9 +37,19 @@ def small_checkpoint(tmp_path_factory):
     return path
 
 
-def infer(dataset_dir, output_dir, checkpoint):
+def run_inference(dataset_dir, output_dir, checkpoint):
     run(config_file=str(CONFIGS / "inference.json"), dataset_dir=str(dataset_dir), output_dir=str(output_dir),
         checkpoint=str(checkpoint), logging_file=False, **SMALL)
+
+
+def infer(dataset_dir, output_dir, checkpoint, exit_code=ExitCode.OK):
+    """The inference config in-process; its exit code checked (an ``InferenceExit`` is a ``SystemExit``)."""
+    try:
+        run_inference(dataset_dir, output_dir, checkpoint)
+        code = ExitCode.OK
+    except SystemExit as ended:
+        code = ended.code
+    assert code == exit_code
     with open(Path(output_dir) / "summary.csv", newline="") as stream:
         return {row["case"]: row for row in csv.DictReader(stream)}
 
@@ -163,7 +173,7 @@ def test_nan_or_inf_intensities(tmp_path, small_checkpoint):
     assert str(error.value) == (f"{broken}: 1 NaN and 2 Inf intensities (of 6912 voxels); "
                                 "a scan with missing values is not segmented: fix or re-export the file.")
     save(tmp_path / "scans" / "fine.nii.gz", head_like((24, 24, 12)))
-    rows = infer(tmp_path / "scans", tmp_path / "out", small_checkpoint)
+    rows = infer(tmp_path / "scans", tmp_path / "out", small_checkpoint, exit_code=ExitCode.SOME_FAILED)
     assert rows["broken"]["status"] == "failed" and rows["broken"]["message"] == str(error.value)
     assert rows["fine"]["status"] == "ok" and not (tmp_path / "out" / "broken_brainmask.nii.gz").exists()
 
@@ -214,9 +224,9 @@ def test_empty_or_missing_folders(tmp_path, small_checkpoint):
     with pytest.raises(ValueError, match="no input given: pass --dataset_dir"):
         find_scans(None)
     # through the bundle, before any output is written
-    with pytest.raises(Exception) as error:
-        infer(tmp_path / "missing", tmp_path / "out", small_checkpoint)
-    assert isinstance(root_cause(error.value), FileNotFoundError)
+    with pytest.raises(InferenceExit) as error:
+        run_inference(tmp_path / "missing", tmp_path / "out", small_checkpoint)
+    assert error.value.code == ExitCode.SETUP_FAILED and isinstance(root_cause(error.value), FileNotFoundError)
     assert str(root_cause(error.value)) == f"input {tmp_path / 'missing'} does not exist."
     assert not (tmp_path / "out" / "summary.csv").exists()
 
@@ -274,8 +284,8 @@ def test_unwritable_output_folder_fails_before_any_work(tmp_path, small_checkpoi
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     # works even as root: a folder below a file cannot be created
-    with pytest.raises(Exception) as error:
-        infer(tmp_path / "scans", blocker / "out", small_checkpoint)
+    with pytest.raises(InferenceExit) as error:
+        run_inference(tmp_path / "scans", blocker / "out", small_checkpoint)
     assert isinstance(root_cause(error.value), PermissionError)
     assert str(root_cause(error.value)) == (f"output_dir {blocker / 'out'} is not writable (Not a directory): "
                                             "choose another --output_dir or fix its permissions.")
@@ -289,8 +299,8 @@ def test_read_only_output_folder_fails_before_any_work(tmp_path, small_checkpoin
     try:
         if os.access(locked, os.W_OK):
             pytest.skip("running as root: chmod does not stop writing")
-        with pytest.raises(Exception) as error:
-            infer(tmp_path / "scans", locked, small_checkpoint)
+        with pytest.raises(InferenceExit) as error:
+            run_inference(tmp_path / "scans", locked, small_checkpoint)
         assert isinstance(root_cause(error.value), PermissionError)
         assert str(root_cause(error.value)) == (f"output_dir {locked} is not writable (Permission denied): "
                                                 "choose another --output_dir or fix its permissions.")
@@ -307,8 +317,8 @@ def test_read_only_output_folder_fails_before_any_work(tmp_path, small_checkpoin
 def test_missing_or_corrupt_checkpoint(tmp_path, small_checkpoint):
     write_oblique_nifti(tmp_path / "scans")
     missing = tmp_path / "models" / "model.pt"
-    with pytest.raises(Exception) as error:
-        infer(tmp_path / "scans", tmp_path / "out", missing)
+    with pytest.raises(InferenceExit) as error:
+        run_inference(tmp_path / "scans", tmp_path / "out", missing)
     assert isinstance(root_cause(error.value), FileNotFoundError)
     assert str(root_cause(error.value)) == f"checkpoint {missing} does not exist: set --checkpoint to the model weights file (.pt)."
     assert not (tmp_path / "out" / "summary.csv").exists() and not list((tmp_path / "out").glob("*.nii.gz"))
@@ -328,9 +338,10 @@ def test_missing_or_corrupt_checkpoint(tmp_path, small_checkpoint):
 # -- nothing already written is lost -----------------------------------------------------------------------------
 
 
-def test_a_failing_case_keeps_earlier_outputs(tmp_path, small_checkpoint):
-    """A case that worked, then fails on a later run (its file got corrupted): its earlier mask and overlay
-    stay as they were, the other cases' rows stay, and its row says why it failed this time."""
+def test_a_case_that_fails_on_a_rerun_leaves_no_stale_output(tmp_path, small_checkpoint):
+    """A case that worked, then fails on a later run (its file got corrupted): its row says why, and its earlier
+    mask and overlay are removed (anything globbing the masks must not pick up a mask of the old scan); the
+    other case's outputs stay; no temporary file is left (issue 15, defect 3)."""
     scans = tmp_path / "scans"
     case_a = save(scans / "a.nii.gz", head_like((24, 24, 12)))
     save(scans / "b.nii.gz", head_like((20, 20, 10)))
@@ -340,11 +351,13 @@ def test_a_failing_case_keeps_earlier_outputs(tmp_path, small_checkpoint):
     assert sorted(kept) == ["a_brainmask.nii.gz", "a_brainmask.png", "b_brainmask.nii.gz", "b_brainmask.png"]
 
     case_a.write_bytes(case_a.read_bytes()[:200])  # truncated
-    second = infer(scans, tmp_path / "out", small_checkpoint)
+    second = infer(scans, tmp_path / "out", small_checkpoint, exit_code=ExitCode.SOME_FAILED)
     assert second["a"]["status"] == "failed" and second["a"]["message"].startswith(f"{case_a}: cannot be read as a nifti image")
+    assert second["a"]["mask"] == second["a"]["overlay"] == ""
     assert second["b"]["status"] == "ok"
-    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.name.startswith("a_")} == {
-        k: v for k, v in kept.items() if k.startswith("a_")
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith("a_")]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.name.startswith("b_")} == {
+        k: v for k, v in kept.items() if k.startswith("b_")
     }
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporary file left
 
