@@ -168,7 +168,7 @@ def write_dicom_series(folder, shape=(40, 50, 24)):
             "0008|0018": f"{series}.{z + 1}", "0020|0013": str(z + 1),
             "0020|0032": "\\".join(map(str, volume.TransformIndexToPhysicalPoint((0, 0, z)))),
             "0020|0037": "\\".join(map(str, list(direction[:, 0]) + list(direction[:, 1]))),
-            "0018|0050": "2.5", "0028|0030": "1.1\\0.8",
+            "0018|0050": "2.5", "0028|0030": "1.1\\0.8", "0020|0052": series + ".2",  # frame of reference (a DICOM SEG needs it)
         }
         for tag, value in tags.items():
             image.SetMetaData(tag, value)

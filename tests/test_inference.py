@@ -17,6 +17,8 @@ from aiva_monai.inference import SUMMARY_FIELDS, ExitCode, describe_error, find_
 from aiva_monai.networks import PreActResUNet
 from tests.test_bundle_brain import CONFIGS, head_like, oblique_affine, write_dicom_series, write_oblique_nifti
 
+BUNDLES = CONFIGS.parents[1]
+
 SMALL = {"network_def#channels": [8, 16, 32, 64], "network_def#blocks_per_level": 1}
 
 
@@ -151,3 +153,34 @@ def test_describe_error_reports_the_innermost_cause_and_the_file():
     except RuntimeError as error:
         assert describe_error(error, "/data/x.nii.gz") == "/data/x.nii.gz: KeyError: 'native_image'"
     assert describe_error(ValueError("/data/x.nii.gz: bad"), "/data/x.nii.gz") == "/data/x.nii.gz: bad"
+
+
+@pytest.mark.parametrize("bundle, label, code", [("aiva_brain", "brain", "12738006"), ("aiva_prostate", "prostate", "41216001")])
+def test_a_dicom_series_gets_a_dicom_seg_equal_to_its_mask_and_referencing_it(bundle, label, code, tmp_path, small_checkpoint):
+    import highdicom as hd
+    import pydicom
+
+    series = write_dicom_series(tmp_path / "scans" / "dicom_case")
+    write_oblique_nifti(tmp_path / "scans")
+    overrides = {"pixdim": [2.0, 2.0, 0.0], "in_plane_size": [48, 48]} if bundle == "aiva_prostate" else {}
+    rows = infer(tmp_path / "scans", tmp_path / "out", small_checkpoint, config=BUNDLES / bundle / "configs" / "inference.json", **overrides)
+    row = rows["dicom_case"]
+    suffix = "_brainmask" if bundle == "aiva_brain" else "_prostate"
+    assert row["status"] == "ok" and row["dicom_seg"] == str(tmp_path / "out" / f"dicom_case{suffix}.seg.dcm")
+    assert rows["oblique_case"]["dicom_seg"] == "" and not list((tmp_path / "out").glob("oblique_case*.dcm"))  # NIfTI in: no SEG
+
+    seg = hd.seg.segread(row["dicom_seg"])
+    sources = sorted((pydicom.dcmread(p, stop_before_pixels=True) for p in series.glob("*.dcm")), key=lambda d: int(d.InstanceNumber))
+    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage
+    assert seg.StudyInstanceUID == sources[0].StudyInstanceUID and seg.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
+    (referenced,) = seg.ReferencedSeriesSequence
+    assert referenced.SeriesInstanceUID == sources[0].SeriesInstanceUID
+    assert {item.ReferencedSOPInstanceUID for item in referenced.ReferencedInstanceSequence} <= {d.SOPInstanceUID for d in sources}
+    description = seg.get_segment_description(1)
+    assert description.segment_label == label and description.segmented_property_type.value == code
+    # the segment's voxels, slice by slice of the source series, equal the NIfTI mask (x, y, z) = (column, row, slice)
+    mask = np.asarray(nib.load(row["mask"]).dataobj) > 0
+    assert mask.any(), "random weights happen to segment nothing: the comparison would be empty"
+    pixels = seg.get_pixels_by_source_instance([d.SOPInstanceUID for d in sources], segment_numbers=[1],
+                                               ignore_spatial_locations=True, assert_missing_frames_are_empty=True)
+    np.testing.assert_array_equal(pixels[..., 0].transpose(2, 1, 0) > 0, mask)

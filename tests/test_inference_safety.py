@@ -95,7 +95,7 @@ def write_series(folder, shape=(32, 32, 10), spacing=2.0, series_uid="1.2.826.0.
         instance = first_instance + z
         tags = {"0008|0060": "MR", "0020|000e": series_uid, "0020|000d": series_uid + ".1", "0008|0016": "1.2.840.10008.5.1.4.1.1.4",
                 "0008|0018": f"{series_uid}.{instance}", "0020|0013": str(instance), "0020|0032": f"0\\0\\{z * spacing}",
-                "0020|0037": "1\\0\\0\\0\\1\\0", "0018|0050": str(spacing), "0028|0030": "1\\1"}
+                "0020|0037": "1\\0\\0\\0\\1\\0", "0018|0050": str(spacing), "0028|0030": "1\\1", "0020|0052": series_uid + ".2"}
         for tag, value in tags.items():
             image.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"im{instance:04d}.dcm"))

@@ -9,6 +9,7 @@ Modules: ``scans`` (finding cases), ``readers`` (reading and header checks), ``o
 output names, the input guard, clean-up), ``writers`` (mask, overlay), ``dicom_seg`` (DICOM SEG),
 ``summary`` (the CSV), ``evaluator`` (``CaseDataset``, ``InferenceEvaluator``, exit codes)."""
 
+from aiva_monai.inference.dicom_seg import SaveDicomSegd, write_dicom_seg
 from aiva_monai.inference.evaluator import CaseDataset, ExitCode, InferenceEvaluator, InferenceExit, describe_error
 from aiva_monai.inference.outputs import OUTPUT_KINDS, InputOverwriteError, OutputFolder
 from aiva_monai.inference.readers import LoadScand, check_affine, dicom_series_files, read_dicom_series, read_scan
@@ -29,6 +30,8 @@ __all__ = [
     "SaveMaskd",
     "SaveOverlayd",
     "save_overlay",
+    "SaveDicomSegd",
+    "write_dicom_seg",
     "voxel_volume_ml",
     "CaseDataset",
     "InferenceEvaluator",
