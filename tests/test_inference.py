@@ -82,7 +82,8 @@ def test_a_bad_case_is_reported_and_skipped_and_the_others_get_mask_overlay_and_
     # inputs untouched; no temporary file left behind; outputs readable by others (umask, not mkstemp's 0600)
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in scans.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
-        ["summary.csv", "oblique_case_brainmask.nii.gz", "oblique_case_brainmask.png", "dicom_case_brainmask.nii.gz", "dicom_case_brainmask.png"]
+        ["summary.csv", "oblique_case_brainmask.nii.gz", "oblique_case_brainmask.png", "dicom_case_brainmask.nii.gz", "dicom_case_brainmask.png",
+         "dicom_case_brainmask.seg.dcm"]
     )
     assert (tmp_path / "out" / "summary.csv").stat().st_mode & 0o044 == 0o044
 
