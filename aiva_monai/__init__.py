@@ -5,8 +5,8 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "alignment", "bundle", "clustering", "data", "embedding", "engines", "evaluation", "handlers", "inference", "io",
-    "losses", "metrics", "networks", "visualize",
+    "alignment", "batchnorm", "bundle", "checkpoint_selection", "clustering", "data", "embedding", "engines", "evaluation",
+    "handlers", "inference", "io", "losses", "metrics", "networks", "optim", "selection", "visualize",
 )
 
 

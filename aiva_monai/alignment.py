@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["match_clusters", "matched_cost", "alignment_loss"]
+__all__ = ["match_clusters", "matched_cost", "cluster_sums", "matched_alignment", "alignment_loss", "all_reduce_cluster_sums", "global_alignment_loss"]
 
 
 def _as_centers(name: str, centers) -> np.ndarray:
@@ -58,6 +58,73 @@ def matched_cost(source_centers, target_centers, match) -> float:
     return float(((target - source[np.asarray(match)]) ** 2).sum())
 
 
+def _flat_features(target_features: torch.Tensor) -> torch.Tensor:
+    if target_features.ndim < 2:
+        raise ValueError(f"target_features must be (B, ...) with B samples, got shape {tuple(target_features.shape)}.")
+    features = target_features.reshape(target_features.shape[0], -1)
+    if features.dtype in (torch.float16, torch.bfloat16):
+        features = features.float()  # squared distances of large vectors overflow/lose precision in half types
+    return features
+
+
+def cluster_sums(target_features: torch.Tensor, target_clusters, n_clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cluster sums and counts of a batch's flattened features.
+
+    Args:
+        target_features: (B, ...) features; flattened per sample to D values (half types computed in float32).
+        target_clusters: (B,) cluster id of each sample in [0, n_clusters), or -1 for a sample with no cluster.
+        n_clusters: k.
+
+    Returns:
+        sums: (k, D) differentiable in ``target_features``; counts: (k,) of the same dtype, not differentiable.
+    """
+    features = _flat_features(target_features)
+    clusters = torch.as_tensor(target_clusters).long().reshape(-1)
+    if clusters.numel() != features.shape[0]:
+        raise ValueError(f"target_clusters has {clusters.numel()} entries for a batch of {features.shape[0]} samples.")
+    if clusters.numel() and int(clusters.max()) >= n_clusters:
+        raise ValueError(f"target cluster id {int(clusters.max())} is out of range for k = {n_clusters}.")
+    # index bookkeeping stays on the clusters' own device (the CPU in the trainer): no GPU sync per step
+    assigned = torch.nonzero(clusters >= 0).reshape(-1)
+    index = clusters[assigned].to(features.device, non_blocking=True)
+    rows = assigned.to(features.device, non_blocking=True)
+    sums = torch.zeros(n_clusters, features.shape[1], dtype=features.dtype, device=features.device)
+    sums = sums.index_add(0, index, features.index_select(0, rows))
+    counts = torch.zeros(n_clusters, dtype=features.dtype, device=features.device)
+    counts.index_add_(0, index, torch.ones_like(index, dtype=features.dtype))
+    return sums, counts
+
+
+def matched_alignment(target_means: torch.Tensor, clusters: torch.Tensor, source_means: torch.Tensor, match,
+                      weights: torch.Tensor | None = None) -> torch.Tensor:
+    """sum over ``clusters`` i of ``weights[i] * ||target_means[i] - source_means[match[i]]||^2``.
+
+    Args:
+        target_means: (k, D) target cluster means (rows outside ``clusters`` are not read).
+        clusters: (n,) int64 ids of the clusters that take part (e.g. those present in the batch).
+        source_means: (k, D) source cluster means; a constant (no gradient reaches it).
+        match: (k,) ``match[i]`` = source cluster matched to target cluster ``i``.
+        weights: optional (k,) per-cluster weights (default 1).
+    """
+    match_t = torch.as_tensor(np.asarray(match)).long().reshape(-1)
+    if source_means.ndim != 2 or source_means.shape[1] != target_means.shape[1]:
+        raise ValueError(
+            f"source_means must be (k, {target_means.shape[1]}) to match the flattened target features, "
+            f"got {tuple(source_means.shape)}."
+        )
+    if match_t.numel() != source_means.shape[0]:
+        raise ValueError(f"match has {match_t.numel()} entries for {source_means.shape[0]} source clusters.")
+    if clusters.numel() == 0:
+        return target_means.sum() * 0.0
+    device = target_means.device
+    anchor_ids = match_t.to(source_means.device)[clusters.to(source_means.device)]
+    anchors = source_means.detach()[anchor_ids].to(device=device, dtype=target_means.dtype)
+    distances = ((target_means.index_select(0, clusters.to(device)) - anchors) ** 2).sum(dim=1)
+    if weights is not None:
+        distances = distances * weights.to(device, target_means.dtype).index_select(0, clusters.to(device))
+    return distances.sum()
+
+
 def alignment_loss(
     target_features: torch.Tensor,
     target_clusters: torch.Tensor,
@@ -80,41 +147,30 @@ def alignment_loss(
         A scalar tensor (float32 or wider). Zero, still attached to ``target_features``' graph, when no
         sample of the batch carries a cluster.
     """
-    if target_features.ndim < 2:
-        raise ValueError(f"target_features must be (B, ...) with B samples, got shape {tuple(target_features.shape)}.")
-    batch_size = target_features.shape[0]
-    features = target_features.reshape(batch_size, -1)
-    if features.dtype in (torch.float16, torch.bfloat16):
-        features = features.float()  # squared distances of large vectors overflow/lose precision in half types
-    # index bookkeeping stays on the clusters' own device (the CPU in the trainer): no GPU sync per step
-    clusters = torch.as_tensor(target_clusters).long().reshape(-1)
-    if clusters.numel() != batch_size:
-        raise ValueError(f"target_clusters has {clusters.numel()} entries for a batch of {batch_size} samples.")
+    features = _flat_features(target_features)
     if source_means.ndim != 2 or source_means.shape[1] != features.shape[1]:
         raise ValueError(
             f"source_means must be (k, {features.shape[1]}) to match the flattened target features, "
             f"got {tuple(source_means.shape)}."
         )
-    match_t = torch.as_tensor(np.asarray(match)).long().reshape(-1)
-    if match_t.numel() != source_means.shape[0]:
-        raise ValueError(f"match has {match_t.numel()} entries for {source_means.shape[0]} source clusters.")
-    if clusters.numel() and int(clusters.max()) >= match_t.numel():
-        raise ValueError(f"target cluster id {int(clusters.max())} is out of range for k = {match_t.numel()}.")
+    sums, counts = cluster_sums(features, target_clusters, source_means.shape[0])
+    present = torch.nonzero(counts > 0).reshape(-1)
+    means = sums / counts.clamp_min(1)[:, None]
+    return matched_alignment(means, present, source_means, match)
 
-    assigned = clusters >= 0
-    if not bool(assigned.any()):
-        return features.sum() * 0.0
-    present, inverse = torch.unique(clusters[assigned], return_inverse=True)
-    counts = torch.bincount(inverse, minlength=present.numel()).to(features.dtype)
-    # membership (n_present, n_assigned) with rows normalised: one matmul gives all cluster means
-    membership = torch.zeros(present.numel(), inverse.numel(), dtype=features.dtype)
-    membership[inverse, torch.arange(inverse.numel())] = 1.0
-    membership = (membership / counts[:, None]).to(features.device, non_blocking=True)
-    assigned_rows = torch.nonzero(assigned).reshape(-1).to(features.device, non_blocking=True)
-    target_means = membership @ features.index_select(0, assigned_rows)
-    anchor_ids = match_t.to(source_means.device)[present.to(source_means.device)]
-    anchors = source_means.detach()[anchor_ids].to(device=features.device, dtype=features.dtype)
-    return ((target_means - anchors) ** 2).sum()
+
+def all_reduce_cluster_sums(sums: torch.Tensor, counts: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cluster_sums`` of the union of every process's batch (torch.distributed): the (k, D) sums are
+    all-reduced differentiably (``torch.distributed.nn.functional.all_reduce``), the (k,) counts plainly.
+    Under DistributedDataParallel the gradient of a loss of these sums equals the single-process gradient
+    on the concatenated batch: the all-reduce's backward sums the W ranks' identical upstream gradients
+    and DDP divides the parameter gradients by W."""
+    import torch.distributed as dist
+    from torch.distributed.nn.functional import all_reduce
+
+    counts = counts.clone()
+    dist.all_reduce(counts, group=group)
+    return all_reduce(sums, group=group), counts
 
 
 def global_alignment_loss(
@@ -124,45 +180,19 @@ def global_alignment_loss(
     match,
     group=None,
 ) -> tuple[torch.Tensor, bool]:
-    """``alignment_loss`` of the union of every process's target batch (torch.distributed).
-
-    Each rank sums its target features per cluster; the (k, D) sums and (k,) counts are all-reduced
-    (the sums differentiably, ``torch.distributed.nn.functional.all_reduce``), so every rank gets the
-    loss a single process would compute on the concatenated batch. Under DistributedDataParallel the
-    gradient then equals the single-process gradient: the all-reduce's backward sums the W ranks'
-    identical upstream gradients and DDP divides the parameter gradients by W.
+    """``alignment_loss`` of the union of every process's target batch (torch.distributed), see
+    ``all_reduce_cluster_sums``: every rank gets the loss a single process computes on the concatenated batch.
 
     Returns:
         (loss, whether any sample of the global batch carries a cluster).
     """
-    import torch.distributed as dist
-    from torch.distributed.nn.functional import all_reduce
-
-    batch_size = target_features.shape[0]
-    features = target_features.reshape(batch_size, -1)
-    if features.dtype in (torch.float16, torch.bfloat16):
-        features = features.float()
-    clusters = torch.as_tensor(target_clusters).long().reshape(-1)
-    if clusters.numel() != batch_size:
-        raise ValueError(f"target_clusters has {clusters.numel()} entries for a batch of {batch_size} samples.")
-    match_t = torch.as_tensor(np.asarray(match)).long().reshape(-1)
-    k = match_t.numel()
+    features = _flat_features(target_features)
+    k = int(np.asarray(match).size)
     if source_means.ndim != 2 or source_means.shape[1] != features.shape[1] or source_means.shape[0] != k:
         raise ValueError(f"source_means must be ({k}, {features.shape[1]}), got {tuple(source_means.shape)}.")
-    if clusters.numel() and int(clusters.max()) >= k:
-        raise ValueError(f"target cluster id {int(clusters.max())} is out of range for k = {k}.")
-    assigned = torch.nonzero(clusters >= 0).reshape(-1)
-    index = clusters[assigned].to(features.device)
-    sums = torch.zeros(k, features.shape[1], dtype=features.dtype, device=features.device)
-    sums = sums.index_add(0, index, features.index_select(0, assigned.to(features.device)))
-    counts = torch.zeros(k, dtype=features.dtype, device=features.device)
-    counts.index_add_(0, index, torch.ones_like(index, dtype=features.dtype))
-    dist.all_reduce(counts, group=group)
-    sums = all_reduce(sums, group=group)
+    sums, counts = all_reduce_cluster_sums(*cluster_sums(features, target_clusters, k), group=group)
     present = torch.nonzero(counts > 0).reshape(-1)
     if present.numel() == 0:
         return features.sum() * 0.0, False
-    target_means = sums.index_select(0, present) / counts.index_select(0, present)[:, None]
-    anchor_ids = match_t.to(source_means.device)[present.to(source_means.device)]
-    anchors = source_means.detach()[anchor_ids].to(device=features.device, dtype=features.dtype)
-    return ((target_means - anchors) ** 2).sum(), True
+    means = sums / counts.clamp_min(1)[:, None]
+    return matched_alignment(means, present, source_means, match), True

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,8 +38,8 @@ from monai.networks.layers import Conv
 from monai.networks.utils import one_hot
 from monai.utils import CommonKeys as Keys
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from aiva_monai.batchnorm import adapt_batchnorm, batchnorm_layers
 from aiva_monai.engines import TargetBatchMixin
 from aiva_monai.networks import BottleneckTap, _unwrap
 
@@ -127,101 +127,6 @@ def _full_precision(engine) -> contextlib.AbstractContextManager:
 
 # ----------------------------------------------------------------------------------------------------
 # AdaBN
-
-
-def batchnorm_layers(network: nn.Module) -> list[tuple[str, _BatchNorm]]:
-    """(name, module) of every BatchNorm layer (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``) of ``network``.
-
-    Instance, group and layer norms are not BatchNorm: they keep no running statistics (or, for instance
-    norm with ``track_running_stats``, statistics per image that AdaBN does not define).
-    """
-    return [(name, m) for name, m in _unwrap(network).named_modules() if isinstance(m, _BatchNorm)]
-
-
-def _images_of(batch, image_key: str):
-    # only the image is taken from a batch; a dict's other keys (e.g. a label) are never accessed
-    if isinstance(batch, Mapping):
-        return batch[image_key]
-    if isinstance(batch, (list, tuple)):
-        return batch[0]
-    return batch
-
-
-@torch.no_grad()
-def adapt_batchnorm(
-    network: nn.Module,
-    target_loader: Iterable,
-    image_key: str = Keys.IMAGE,
-    device: str | torch.device | None = None,
-) -> nn.Module:
-    """AdaBN (Li et al. 2016): replace every BatchNorm's running statistics by those of the target site.
-
-    Each BatchNorm layer's ``running_mean`` / ``running_var`` are reset and re-estimated over ONE full
-    pass of ``target_loader`` as a cumulative average (``momentum=None``: after batch b the running
-    value is the mean of the b per-batch values), not as a 0.1-momentum moving average that would mostly
-    reflect the last batches. As in ``torch.optim.swa_utils.update_bn``, the BatchNorm layers are in train
-    mode during the pass (each normalises with its batch statistics) and every other module is in eval
-    mode (dropout off). ``running_mean`` is then the mean of the per-batch channel means (the exact target
-    mean when all batches have the same size) and ``running_var`` the mean of the per-batch unbiased
-    variances. No parameter changes, no gradient is computed; the original momentum of every layer and
-    the train/eval mode of every module are restored afterwards. If the pass fails (e.g. an empty
-    loader), the previous statistics are restored too.
-
-    Args:
-        network: the segmentation network (DDP/DataParallel wrappers are looked through), modified in place.
-        target_loader: iterable of target batches: dicts holding the (B, C, *spatial) image under
-            ``image_key`` (nothing else is read: target labels are never touched), or image tensors, or
-            (image, ...) tuples.
-        image_key: key of the image in a dict batch.
-        device: device the images are moved to; default: the device of the network's first parameter.
-
-    Returns:
-        the same ``network`` (so a bundle config can chain it).
-
-    Raises:
-        ValueError: if the network has no BatchNorm layer (e.g. instance norm), if a BatchNorm layer keeps
-            no running statistics (``track_running_stats=False``), or if the loader yields no batch.
-    """
-    layers = batchnorm_layers(network)
-    if not layers:
-        raise ValueError(
-            f"AdaBN re-estimates BatchNorm statistics, but {type(_unwrap(network)).__name__} has no BatchNorm "
-            "layer (instance / group / layer norm keep no running statistics to adapt)."
-        )
-    untracked = [name for name, m in layers if not m.track_running_stats]
-    if untracked:
-        raise ValueError(f"AdaBN needs running statistics, but these BatchNorm layers do not track them: {untracked}.")
-    if device is None:
-        first = next(iter(network.parameters()), None)
-        device = first.device if first is not None else torch.device("cpu")
-
-    modes = [(m, m.training) for m in network.modules()]
-    momenta = [(m, m.momentum) for _, m in layers]
-    saved = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for _, m in layers]
-    n_batches = 0
-    try:
-        network.eval()
-        for _, m in layers:
-            m.reset_running_stats()  # mean 0, var 1, num_batches_tracked 0
-            m.momentum = None  # cumulative average: factor 1 / num_batches_tracked
-            m.train()
-        for batch in target_loader:
-            network(torch.as_tensor(_images_of(batch, image_key)).to(device))
-            n_batches += 1
-        if n_batches == 0:
-            raise ValueError("the target loader yields no batch: AdaBN has nothing to estimate the statistics on.")
-    except BaseException:
-        for m, mean, var, count in saved:
-            m.running_mean.copy_(mean)
-            m.running_var.copy_(var)
-            m.num_batches_tracked.copy_(count)
-        raise
-    finally:
-        for m, momentum in momenta:
-            m.momentum = momentum
-        for m, training in modes:
-            m.training = training  # per module: Module.train() would recurse over children
-    return network
 
 
 # ----------------------------------------------------------------------------------------------------

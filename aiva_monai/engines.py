@@ -6,10 +6,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 
+from aiva_monai.batchnorm import AdaptationBatchNorm
 from aiva_monai.data.samplers import SeededEndlessSampler
 from aiva_monai.losses import AIVALoss
 from aiva_monai.networks import BottleneckTap
@@ -146,6 +148,10 @@ class AIVATrainer(TargetBatchMixin, SupervisedTrainer):
         bottleneck: module name of the bottleneck (see ``aiva_monai.networks.find_bottleneck``).
         target_image_key: key of the target image in a target batch.
         target_index_key: key of each target sample's index in the target dataset.
+        batchnorm: which BatchNorm running statistics the source and target passes update
+            (``aiva_monai.batchnorm.AdaptationBatchNorm``: "shared", "target" or "per_site"); its ``start``
+            runs at ``Events.STARTED``, after the train handlers' (e.g. the source weights' loader).
+            Default: "shared" (both passes), the first implementation.
         other args: as ``monai.engines.SupervisedTrainer`` (``epoch_length`` = iterations per
             adaptation epoch, i.e. per re-clustering).
     """
@@ -162,6 +168,7 @@ class AIVATrainer(TargetBatchMixin, SupervisedTrainer):
         bottleneck: str | None = None,
         target_image_key: str = Keys.IMAGE,
         target_index_key: str = "index",
+        batchnorm: AdaptationBatchNorm | None = None,
         **kwargs,
     ) -> None:
         if not isinstance(loss_function, AIVALoss):
@@ -174,6 +181,7 @@ class AIVATrainer(TargetBatchMixin, SupervisedTrainer):
         self.target_image_key = target_image_key
         self.target_index_key = target_index_key
         self._target_iterator = None
+        self.batchnorm = batchnorm if batchnorm is not None else AdaptationBatchNorm(network, "shared")
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -184,6 +192,19 @@ class AIVATrainer(TargetBatchMixin, SupervisedTrainer):
             **kwargs,
         )
         self.state.aiva_assignment = None
+        self.add_event_handler(Events.STARTED, self.batchnorm.start)
+
+    def state_dict(self):
+        state = super().state_dict()
+        state["batchnorm"] = self.batchnorm.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict) -> None:
+        state_dict = dict(state_dict)
+        batchnorm = state_dict.pop("batchnorm", None)
+        super().load_state_dict(state_dict)
+        if batchnorm is not None:
+            self.batchnorm.load_state_dict(batchnorm)
 
     def _iteration(self, engine: AIVATrainer, batchdata: dict) -> dict:
         if batchdata is None:
@@ -207,8 +228,10 @@ class AIVATrainer(TargetBatchMixin, SupervisedTrainer):
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
 
         def _forward_and_loss():
-            engine.state.output[Keys.PRED] = engine.inferer(inputs, engine.network, *args, **kwargs)
-            engine.network(target_inputs)  # only the tapped bottleneck of the target pass is used
+            with engine.batchnorm.source_pass():
+                engine.state.output[Keys.PRED] = engine.inferer(inputs, engine.network, *args, **kwargs)
+            with engine.batchnorm.target_pass():
+                engine.network(target_inputs)  # only the tapped bottleneck of the target pass is used
             target_features = engine.bottleneck_tap.features
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             parts = engine.loss_function(
@@ -218,6 +241,7 @@ class AIVATrainer(TargetBatchMixin, SupervisedTrainer):
                 target_clusters,
                 assignment.source_means,
                 assignment.match,
+                round_id=assignment.epoch,
             )
             engine.state.output[Keys.LOSS] = parts["loss"]
             engine.state.output["seg_loss"] = parts["seg_loss"]

@@ -1,0 +1,209 @@
+"""CheckpointSelectionHandler: keep every adaptation epoch's model, score it with every label-free rule, and
+write the configured rule's pick as ``model.pt``."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine, Events
+from monai.data import DataLoader
+
+from aiva_monai.io import atomic_path, write_csv_atomic, write_json_atomic
+from aiva_monai.networks import _unwrap
+from aiva_monai.selection import (
+    SELECTION_RULES,
+    agreement_dice,
+    choices,
+    choose,
+    information_maximization,
+    intensity_perturbations,
+    prediction_entropy,
+)
+
+__all__ = ["CheckpointSelectionHandler", "target_scores"]
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def target_scores(network: torch.nn.Module, images: torch.Tensor, *, batch_size: int = 32, perturbations: Sequence[Callable] = (),
+                  device=None) -> dict:
+    """Label-free scores of ``network`` (eval mode) on unlabelled target slices ``images`` (N, C, H, W):
+    ``target_entropy``, ``target_im`` and, with ``perturbations``, ``target_agreement`` (mean over them)."""
+    device = device or next(network.parameters()).device
+    was_training = network.training
+    network.eval()
+    try:
+        def predict(batch_images):
+            return torch.cat([torch.softmax(network(batch_images[i : i + batch_size].to(device)).float(), dim=1).cpu()
+                              for i in range(0, len(batch_images), batch_size)])
+
+        probs = predict(images)
+        scores = {"target_entropy": prediction_entropy(probs), "target_im": information_maximization(probs)}
+        if perturbations:
+            labels = probs.argmax(dim=1)
+            scores["target_agreement"] = sum(agreement_dice(labels, predict(perturb(images)).argmax(dim=1))
+                                             for perturb in perturbations) / len(perturbations)
+    finally:
+        network.train(was_training)
+    return scores
+
+
+class CheckpointSelectionHandler:
+    """Label-free model selection for an adaptation trainer (``aiva_monai.selection``).
+
+    Every ``interval`` epochs (at ``EPOCH_COMPLETED``) the current model becomes a *candidate*: optionally
+    ``prepare``d (e.g. AdaBN re-estimation of its BatchNorm statistics: the candidate is the model as it
+    would be deployed), scored — Dice on the labelled SOURCE validation subjects (``validator``, which this
+    handler runs: do not also attach a ``ValidationHandler``) and the target-only scores of
+    ``target_scores`` on held-out UNLABELLED target slices — and saved as ``<output_dir>/selection/epoch_N.pt``.
+    After every candidate, ``<output_dir>/selection.csv`` lists every candidate's scores and which rules pick
+    it, ``selection.json`` maps every rule to its pick, and the pick of ``rule`` is copied to
+    ``<output_dir>/<model_filename>``. At the end of the run, candidates no rule picks are deleted.
+
+    Target labels are never read: ``target_dataset`` is only asked for ``image_key``.
+
+    Args:
+        network: the trained network (its weights and buffers are restored after each candidate).
+        output_dir: run folder.
+        rule: the rule whose pick becomes ``model_filename`` (``aiva_monai.selection.SELECTION_RULES``).
+        validator: MONAI evaluator of the source validation subjects; None leaves out the source rules.
+        source_metric: the validator's metric name holding the source Dice.
+        target_dataset: held-out unlabelled target slices (only ``image_key`` is read); None leaves out the
+            target rules.
+        max_target_slices: evenly spaced subset of ``target_dataset`` (bounds the cost per candidate).
+        perturbations: callables (N, C, H, W) -> (N, C, H, W) for ``target_agreement``; default
+            ``intensity_perturbations()``; empty to leave that score out.
+        prepare: callable(network) applied to the network before scoring and saving (changes are undone
+            afterwards for training to continue), e.g. AdaBN.
+        interval: epochs between candidates.
+        batch_size: slices per forward pass for the target scores.
+        model_filename: where the pick of ``rule`` goes.
+        keep_all: keep every candidate's file (default: only those some rule picks).
+
+    ``state_dict()`` holds the candidates' records, so a resumed run continues the same table.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        output_dir: str | Path,
+        rule: str = "source_best",
+        validator: Engine | None = None,
+        source_metric: str = "val_source_dice",
+        target_dataset=None,
+        image_key: str = "image",
+        max_target_slices: int | None = 512,
+        perturbations: Sequence[Callable] | None = None,
+        prepare: Callable | None = None,
+        interval: int = 1,
+        batch_size: int = 32,
+        model_filename: str = "model.pt",
+        keep_all: bool = False,
+    ) -> None:
+        if rule not in SELECTION_RULES:
+            raise ValueError(f"unknown selection rule {rule!r}; choose one of {sorted(SELECTION_RULES)}.")
+        score = SELECTION_RULES[rule].score
+        if score == "source_dice" and validator is None:
+            raise ValueError(f"selection rule {rule!r} needs a source validator.")
+        if score is not None and score.startswith("target_") and target_dataset is None:
+            raise ValueError(f"selection rule {rule!r} needs held-out unlabelled target slices (target_dataset).")
+        self.network = network
+        self.output_dir = Path(output_dir)
+        self.rule = rule
+        self.validator = validator
+        self.source_metric = source_metric
+        self.target_dataset = target_dataset
+        self.image_key = image_key
+        self.max_target_slices = max_target_slices
+        self.perturbations = intensity_perturbations() if perturbations is None else list(perturbations)
+        self.prepare = prepare
+        self.interval = int(interval)
+        self.batch_size = int(batch_size)
+        self.model_filename = model_filename
+        self.keep_all = bool(keep_all)
+        self.records: list[dict] = []
+        self._images: torch.Tensor | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self.add_candidate)
+        engine.add_event_handler(Events.COMPLETED, self.finish)
+
+    # -- candidates -------------------------------------------------------------------------------
+
+    def _target_images(self) -> torch.Tensor:
+        if self._images is None:
+            n = len(self.target_dataset)
+            count = n if not self.max_target_slices else min(n, int(self.max_target_slices))
+            positions = torch.linspace(0, n - 1, count).round().long().unique().tolist()
+            self._images = torch.stack([torch.as_tensor(self.target_dataset[i][self.image_key]).float() for i in positions])
+        return self._images
+
+    def add_candidate(self, engine: Engine) -> dict:
+        """Score and save the current model as a candidate; returns its record."""
+        epoch, iteration = int(engine.state.epoch), int(engine.state.iteration)
+        if any(r["epoch"] == epoch for r in self.records):  # a resumed run repeating an epoch it recorded
+            return next(r for r in self.records if r["epoch"] == epoch)
+        plain = _unwrap(self.network)
+        saved = {k: v.detach().clone() for k, v in plain.state_dict().items()} if self.prepare is not None else None
+        was_training = plain.training
+        try:
+            if self.prepare is not None:
+                self.prepare(plain)
+            record = {"epoch": epoch, "iteration": iteration, "file": f"selection/epoch_{epoch:04d}.pt"}
+            if self.validator is not None:
+                self.validator.run(epoch)
+                record["source_dice"] = float(self.validator.state.metrics[self.source_metric])
+            if self.target_dataset is not None:
+                record.update(target_scores(plain, self._target_images(), batch_size=self.batch_size,
+                                            perturbations=self.perturbations))
+            with atomic_path(self.output_dir / record["file"]) as temporary:
+                torch.save(plain.state_dict(), temporary)
+        finally:
+            if saved is not None:
+                plain.load_state_dict(saved)
+            plain.train(was_training)
+        self.records.append(record)
+        self._write_tables()
+        logger.info("selection candidate epoch %d: %s", epoch,
+                    ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)))
+        return record
+
+    def picks(self) -> dict[str, dict]:
+        """{rule: picked record} for every rule the recorded scores can answer."""
+        return choices(self.records)
+
+    def _write_tables(self) -> None:
+        picks = self.picks()
+        rows = [{**r, "picked_by": " ".join(name for name, pick in picks.items() if pick is r)} for r in self.records]
+        write_csv_atomic(self.output_dir / "selection.csv", rows, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        chosen = choose(self.records, self.rule)
+        write_json_atomic(self.output_dir / "selection.json", {
+            "rule": self.rule,
+            "model": self.model_filename,
+            "picks": {name: {"epoch": p["epoch"], "iteration": p["iteration"], "file": p["file"],
+                             "description": SELECTION_RULES[name].description} for name, p in picks.items()},
+        })
+        with atomic_path(self.output_dir / self.model_filename) as temporary:
+            shutil.copyfile(self.output_dir / chosen["file"], temporary)
+
+    def finish(self, engine: Engine | None = None) -> None:
+        """Delete the candidates no rule picks (unless ``keep_all``)."""
+        if self.keep_all or not self.records:
+            return
+        kept = {p["file"] for p in self.picks().values()}
+        for record in self.records:
+            if record["file"] not in kept:
+                (self.output_dir / record["file"]).unlink(missing_ok=True)
+
+    # -- checkpointing ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"records": [dict(r) for r in self.records]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.records = [dict(r) for r in state.get("records", [])]
