@@ -4,6 +4,10 @@
 removable forward hook, so the network itself stays a plain module: remove the tap (or build the
 network fresh, as the bundles' export does) and it scripts and exports unchanged.
 
+``encode`` runs only the part of a network that the bottleneck depends on (the encoder), for passes
+that need the bottleneck and not the segmentation (the clustering's embedding pass, the trainer's
+target pass): about half the cost of a full forward for a symmetric U-Net.
+
 ``PreActResUNet`` is the reference code's architecture rebuilt from MONAI blocks: a pre-activation
 residual U-Net (BatchNorm, 16/32/64/128 channels, 3 down-samplings, additive skips) whose
 ``bottleneck`` stage yields 128 x 32 x 32 features for 256 x 256 slices.
@@ -19,7 +23,7 @@ from monai.networks.layers import SkipConnection
 from monai.networks.nets import BasicUNet, DynUNet, UNet
 from torch import nn
 
-__all__ = ["PreActResUNet", "BottleneckTap", "find_bottleneck"]
+__all__ = ["PreActResUNet", "BottleneckTap", "find_bottleneck", "encode", "encoder_stages"]
 
 
 def _unwrap(network: nn.Module) -> nn.Module:
@@ -196,3 +200,123 @@ class PreActResUNet(nn.Module):
         for i, stage in enumerate(self.decoder):
             x = stage(x, skips[len(skips) - 1 - i])
         return self.head(x)
+
+
+# -- encoder-only passes -----------------------------------------------------------------------------
+
+
+def _plain_chain(module: nn.Module) -> list[nn.Module]:
+    # an nn.Sequential with the default forward and no hooks runs exactly its children in order: run
+    # them one by one (so the memory format can change early); anything else is one opaque stage
+    if (
+        isinstance(module, nn.Sequential)
+        and type(module).forward is nn.Sequential.forward
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+    ):
+        return [stage for child in module for stage in _plain_chain(child)]
+    return [module]
+
+
+def encoder_stages(network: nn.Module, module_name: str | None = None) -> list[nn.Module] | None:
+    """The modules that compute the output of ``module_name`` (default: the bottleneck, ``find_bottleneck``)
+    of a supported network, in order: feeding the input through them gives the bottleneck exactly as the
+    full forward computes it, and nothing after it is run. The last stage is the module itself, so forward
+    hooks on it (a ``BottleneckTap``) fire.
+
+    Known chains: ``PreActResUNet`` (``encoder`` stages, ``bottleneck``), MONAI ``BasicUNet`` (``conv_0``,
+    ``down_1`` .. ``down_4``), ``UNet`` (each level's down layer, then the innermost layer) and ``DynUNet``
+    (``input_block``, the down-samplings, ``bottleneck``, read from its skip layers). Returns None for any
+    other network or module (``encode`` then stops the full forward at the module instead).
+    """
+    network = _unwrap(network)
+    if module_name is None:
+        module_name = find_bottleneck(network)
+    chain: list[nn.Module]
+    if isinstance(network, PreActResUNet) and module_name == "bottleneck":
+        chain = [*network.encoder, network.bottleneck]
+    elif isinstance(network, BasicUNet) and module_name == "down_4":
+        chain = [network.conv_0, network.down_1, network.down_2, network.down_3, network.down_4]
+    elif isinstance(network, UNet) and module_name == find_bottleneck(network):
+        chain, module = [], network.model
+        while isinstance(module, nn.Sequential) and len(module) >= 2 and isinstance(module[1], SkipConnection):
+            chain.append(module[0])  # SkipConnection feeds its input unchanged to its submodule
+            module = module[1].submodule
+        chain.append(module)
+    elif isinstance(network, DynUNet) and module_name == "bottleneck":
+        from monai.networks.nets.dynunet import DynUNetSkipLayer
+
+        chain, layer = [], network.skip_layers
+        while isinstance(layer, DynUNetSkipLayer):
+            chain.append(layer.downsample)  # DynUNetSkipLayer: next_layer(downsample(x))
+            layer = layer.next_layer
+        if layer is not network.bottleneck:
+            return None
+        chain.append(layer)
+    else:
+        return None
+    return [stage for module in chain[:-1] for stage in _plain_chain(module)] + [chain[-1]]
+
+
+class _BottleneckReached(Exception):
+    pass
+
+
+def _forward_until(network: nn.Module, module_name: str, images: torch.Tensor) -> torch.Tensor:
+    # any network: run its own forward and stop it (with an exception) as soon as the module has run
+    modules = dict(network.named_modules())
+    if module_name not in modules:
+        raise ValueError(f"{type(network).__name__} has no module named {module_name!r}.")
+    found: list[torch.Tensor] = []
+
+    def stop(module, inputs, output):
+        found.append(output)
+        raise _BottleneckReached
+
+    handle = modules[module_name].register_forward_hook(stop)
+    try:
+        network(images)
+    except _BottleneckReached:
+        pass
+    finally:
+        handle.remove()
+    if not found:
+        raise RuntimeError(f"the forward pass of {type(network).__name__} never ran {module_name!r}.")
+    return found[0]
+
+
+def encode(network: nn.Module, images: torch.Tensor, module_name: str | None = None, *, channels_last: bool = False) -> torch.Tensor:
+    """Bottleneck features of ``images``, running only what the bottleneck depends on.
+
+    Args:
+        network: a supported network (see ``encoder_stages``) or any network with ``module_name`` given;
+            DDP/DataParallel wrappers are looked through (the plain module runs: no DDP collectives, but
+            gradients still reach DDP's reducer when a DDP forward of the same iteration precedes the
+            backward).
+        images: (B, C, *spatial) input.
+        module_name: the tapped module (``BottleneckTap.module_name``); default ``find_bottleneck``.
+        channels_last: run the encoder's activations in channels-last memory format (2D and 3D), which
+            is faster for convolutions on CPU (oneDNN) and with AMP on GPU. The result equals the
+            default's up to float rounding (different convolution kernels).
+
+    Returns:
+        The (B, C', *spatial') output of the module, as the full forward computes it (bit-identical
+        with ``channels_last=False``; a test checks all four supported networks in eval and train mode),
+        attached to the autograd graph when gradients are enabled. Nothing after the module runs, so in
+        train mode only the BatchNorm statistics up to the bottleneck are updated. Forward hooks on the
+        module itself fire (a ``BottleneckTap`` records the features as after a full forward).
+
+    Networks outside the known chains run their own forward, stopped right after the module: same
+    features, same saving, no channels-last conversion.
+    """
+    plain = _unwrap(network)
+    name = find_bottleneck(plain) if module_name is None else module_name
+    stages = encoder_stages(plain, name)
+    if stages is None:
+        return _forward_until(plain, name, images)
+    x = images
+    for stage in stages:
+        if channels_last and x.dim() in (4, 5) and x.shape[1] > 1:
+            x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+        x = stage(x)
+    return x
