@@ -22,6 +22,7 @@ __all__ = [
     "default_site",
     "other_sites",
     "entries",
+    "unlabelled_slices",
     "latest_checkpoint",
     "require_file",
     "demo_source_model",
@@ -31,6 +32,8 @@ __all__ = [
     "save_weights",
     "copy_weights",
     "write_method_card",
+    "adabn_checkpoint",
+    "evaluation_checkpoints",
 ]
 
 logger = logging.getLogger(__name__)
@@ -39,8 +42,9 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 
 def locate_bundle_root(name: str) -> str:
     """The bundle folder: the current folder if it is that bundle, else ``./bundles/<name>``, else the
-    one beside the installed package (an editable install of this repository)."""
-    candidates = [Path.cwd(), Path.cwd() / "bundles" / name, REPOSITORY / "bundles" / name]
+    one beside the installed package (an editable install of this repository), else the folder holding this
+    package (a zoo export, where this code is the bundle's ``scripts/``)."""
+    candidates = [Path.cwd(), Path.cwd() / "bundles" / name, REPOSITORY / "bundles" / name, REPOSITORY]
     for candidate in candidates:
         meta = candidate / "configs" / "metadata.json"
         if meta.is_file() and json.loads(meta.read_text()).get("name") == name:
@@ -136,6 +140,19 @@ def entries(datalist_file, split, sites, base_dir, labels: bool = True) -> list[
     return found if labels else [{k: v for k, v in e.items() if k != "label"} for e in found]
 
 
+def unlabelled_slices(datalist_file, split, site, base_dir, transform, slice_axis: int = 0):
+    """The image slices of ``site``'s ``split`` subjects with their labels removed (a ``SliceDataset`` of the key
+    "image" only), e.g. held-out target slices for label-free model selection; None when that split holds no
+    subject of ``site``."""
+    from aiva_monai.data import SliceDataset
+
+    found = load_datalist(datalist_file, split, site, base_dir=base_dir, require_labels=False)
+    if not found:
+        return None
+    data = [{k: v for k, v in e.items() if k != "label"} for e in found]
+    return SliceDataset(data, transform, keys=("image",), slice_axis=slice_axis, progress=False)
+
+
 def require_file(path, what: str) -> str:
     """``path`` if it is a file, else FileNotFoundError naming it and ``what`` it should be."""
     if not Path(path).is_file():
@@ -224,7 +241,44 @@ def copy_weights(source, path) -> str:
     return str(path)
 
 
-def write_method_card(output_dir, method: str, selection_rule: str, reads_target_labels: bool, **settings) -> str:
+def adabn_checkpoint(network, source_checkpoint, apply_adabn, path) -> str:
+    """The AdaBN baseline beside an adaptation run: ``source_checkpoint``'s weights with ``apply_adabn(network)``
+    (e.g. ``@adabn#apply``) re-estimating the BatchNorm statistics on the unlabelled target training slices,
+    saved to ``path`` (made once; a second call reuses the file)."""
+    from aiva_monai.evaluation import load_network_weights
+
+    if not Path(path).is_file():
+        load_network_weights(network, source_checkpoint)
+        apply_adabn(network)
+        save_weights(network, path)
+    return str(path)
+
+
+def evaluation_checkpoints(output_dir, source_checkpoint, adabn=None, method: str = "adapted") -> dict:
+    """{model name: checkpoint} for evaluate.json: the source model, the AdaBN baseline (when given), and every
+    selection rule's pick of the run in ``output_dir`` (its ``selection.json``), one entry per distinct file
+    named ``"<method> (<rules>)"``, the configured rule first and marked as the run's model; without a
+    ``selection.json``: ``<output_dir>/model.pt`` as ``method``."""
+    found = {"source": str(source_checkpoint)}
+    if adabn:
+        found["adabn"] = str(adabn)
+    selection = Path(output_dir) / "selection.json"
+    if not selection.is_file():
+        found[method] = str(Path(output_dir) / "model.pt")
+        return found
+    content = json.loads(selection.read_text())
+    by_file: dict[str, list[str]] = {}
+    for rule, pick in content["picks"].items():
+        by_file.setdefault(pick["file"], []).append(rule)
+    default = content["picks"][content["rule"]]["file"]
+    for file in sorted(by_file, key=lambda f: f != default):
+        rules = by_file[file]
+        found[f"{method} ({', '.join(rules)})"] = str(Path(output_dir) / file)
+    return found
+
+
+def write_method_card(output_dir, method: str, selection_rule: str, reads_target_labels: bool, selection: str | None = None,
+                      **settings) -> str:
     """``<output_dir>/method.json``: the method of a run, whether it reads target labels, its model-selection
     rule and reference, and ``settings`` (hyper-parameters). ``reads_target_labels`` (from the overlay) must
     agree with ``aiva_monai.baselines.METHODS``: only ``oracle`` reads target labels."""
@@ -239,6 +293,7 @@ def write_method_card(output_dir, method: str, selection_rule: str, reads_target
         "method": method,
         "reads_target_labels": known(method),
         "selection_rule": selection_rule,
+        "selection": selection,
         "summary": METHODS[method].summary,
         "reference": METHODS[method].reference,
         "settings": {key: (value if isinstance(value, (int, float, str, bool, type(None), list, dict)) else str(value))

@@ -133,8 +133,8 @@ class InferenceEvaluator(SupervisedEvaluator):
     reports and skips a bad case instead of stopping.
 
     Before any case (``run``): ``outputs.prepare()`` (writable folders, rows of earlier runs, temporary files
-    of a killed run removed), every checkpoint a handler loads (a ``load_path``) must exist, the cases are
-    found (``CaseDataset.discover``) and ``outputs.protect(cases)`` records every input file, so no output
+    of a killed run removed), the cases are found (``CaseDataset.discover``), every checkpoint a handler loads
+    (a ``load_path``) must exist, and ``outputs.protect(cases)`` records every input file, so no output
     can be written over one, and gives each case a free output name. A problem here is logged and ends the
     run with ``ExitCode.SETUP_FAILED`` before any output is written.
 
@@ -188,12 +188,12 @@ class InferenceEvaluator(SupervisedEvaluator):
 
     def _setup(self) -> None:
         self.outputs.prepare()
+        dataset = getattr(self.data_loader, "dataset", None)
+        cases = dataset.discover() if isinstance(dataset, CaseDataset) else list(getattr(dataset, "data", []))
         for handler in self._handlers_seen:
             path = getattr(handler, "load_path", None)
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"checkpoint {path} does not exist: set --checkpoint to the model weights file (.pt).")
-        dataset = getattr(self.data_loader, "dataset", None)
-        cases = dataset.discover() if isinstance(dataset, CaseDataset) else list(getattr(dataset, "data", []))
         self.outputs.protect(cases)
         self.state.epoch_length = len(cases)  # fixed when the engine was built, before the cases were found
 
