@@ -80,9 +80,10 @@ def fingerprints(folder):
 
 
 def write_series(folder, shape=(32, 32, 10), spacing=2.0, series_uid="1.2.826.0.1.3680043.2.1125.7.1", first_instance=1,
-                 scale=1.0, skip=()):
+                 scale=1.0, skip=(), tags=None):
     """An axial DICOM series (SimpleITK writer): ``shape`` (x, y, slices), slices ``spacing`` mm apart; slices
-    whose index is in ``skip`` are not written (a series with missing slices)."""
+    whose index is in ``skip`` are not written (a series with missing slices); ``tags`` ("gggg|eeee": value)
+    added or replaced in every slice."""
     folder.mkdir(parents=True, exist_ok=True)
     volume = (head_like(shape) * scale).astype(np.int16)
     writer = sitk.ImageFileWriter()
@@ -93,10 +94,10 @@ def write_series(folder, shape=(32, 32, 10), spacing=2.0, series_uid="1.2.826.0.
         image = sitk.GetImageFromArray(volume[:, :, z].T[None])
         image.SetSpacing((1.0, 1.0, spacing))
         instance = first_instance + z
-        tags = {"0008|0060": "MR", "0020|000e": series_uid, "0020|000d": series_uid + ".1", "0008|0016": "1.2.840.10008.5.1.4.1.1.4",
+        slice_tags = {"0008|0060": "MR", "0020|000e": series_uid, "0020|000d": series_uid + ".1", "0008|0016": "1.2.840.10008.5.1.4.1.1.4",
                 "0008|0018": f"{series_uid}.{instance}", "0020|0013": str(instance), "0020|0032": f"0\\0\\{z * spacing}",
-                "0020|0037": "1\\0\\0\\0\\1\\0", "0018|0050": str(spacing), "0028|0030": "1\\1", "0020|0052": series_uid + ".2"}
-        for tag, value in tags.items():
+                "0020|0037": "1\\0\\0\\0\\1\\0", "0018|0050": str(spacing), "0028|0030": "1\\1", "0020|0052": series_uid + ".2", **(tags or {})}
+        for tag, value in slice_tags.items():
             image.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"im{instance:04d}.dcm"))
         writer.Execute(image)
