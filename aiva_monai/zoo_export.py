@@ -178,7 +178,10 @@ def export_bundle(bundle_dir, output_dir, checkpoint=None, large_files_url: str 
         copy.parent.mkdir(parents=True, exist_ok=True)
         if file.name == "metadata.json":
             continue
-        copy.write_text(_vendored(file.read_text(encoding="utf-8")), encoding="utf-8") if file.suffix in (".json", ".yaml", ".yml") else shutil.copy2(file, copy)
+        if file.suffix in (".json", ".yaml", ".yml"):
+            copy.write_text(_vendored(file.read_text(encoding="utf-8")), encoding="utf-8")
+        else:
+            shutil.copy2(file, copy)
     for name in sorted(modules):
         file = _module_file(name)
         copy = target / VENDORED / file.relative_to(PACKAGE_ROOT)

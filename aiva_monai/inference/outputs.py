@@ -27,7 +27,7 @@ OUTPUT_KINDS = {"mask": ".nii.gz", "overlay": ".png", "seg": ".seg.dcm"}
 
 # the temporary files of aiva_monai.io.atomic_path (".<stem>.<8 characters from mkstemp><suffixes>") and of
 # check_writable_dir (".write_test.<8 characters>"): what a killed run leaves behind
-_TEMPORARY = re.compile(r"^\.(write_test\.[a-z0-9_]{8}|[^/]*\.[a-z0-9_]{8}(\.nii\.gz|\.nii|\.png|\.csv|\.dcm|\.json|\.tmp))$")
+_TEMPORARY = re.compile(r"^\.(write_test\.[a-z0-9_]{8}|[^/]*\.[a-z0-9_]{8}(\.nii\.gz|\.nii|\.png|\.csv|\.seg\.dcm|\.dcm|\.json|\.tmp))$")
 
 
 class InputOverwriteError(PermissionError):
