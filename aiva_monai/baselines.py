@@ -91,6 +91,10 @@ METHODS: dict[str, MethodInfo] = {
             "Damodaran et al. 2018, ECCV, arXiv:1803.10081; Ackaoui et al. 2020 (Seg-JDOT)",
         ),
         MethodInfo("aiva", False, "intra-site variability alignment (this project)", "AIVA paper, Algorithm 1"),
+        MethodInfo("aiva+adabn", False, "AIVA, then AdaBN re-estimation of every kept checkpoint's BatchNorm statistics "
+                   "on the unlabelled target training slices", "AIVA paper + Li et al. 2016"),
+        MethodInfo("aiva_v1", False, "AIVA with this project's first defaults (shared BatchNorm statistics, lambda = "
+                   "1 / mean L_align, per-batch cluster means, all layers trained)", "AIVA paper, Algorithm 1; commit 00061b4"),
         MethodInfo(
             "oracle",
             True,

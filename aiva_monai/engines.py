@@ -14,7 +14,7 @@ from monai.utils import CommonKeys as Keys
 from aiva_monai.batchnorm import AdaptationBatchNorm
 from aiva_monai.data.samplers import SeededEndlessSampler
 from aiva_monai.losses import AIVALoss
-from aiva_monai.networks import BottleneckTap
+from aiva_monai.networks import BottleneckTap, encode
 
 __all__ = ["AIVATrainer", "ClusterAssignment", "TargetBatchMixin"]
 
@@ -152,6 +152,10 @@ class AIVATrainer(TargetBatchMixin, SupervisedTrainer):
             (``aiva_monai.batchnorm.AdaptationBatchNorm``: "shared", "target" or "per_site"); its ``start``
             runs at ``Events.STARTED``, after the train handlers' (e.g. the source weights' loader).
             Default: "shared" (both passes), the first implementation.
+        target_pass: "full" runs the whole network on the target batch; "encoder" runs only what the
+            bottleneck depends on (``aiva_monai.networks.encode``): about half the target pass's cost, but the
+            decoder's BatchNorm layers then never see target data, so use it when their statistics are
+            re-estimated afterwards (the selection's AdaBN ``prepare``) or not needed.
         other args: as ``monai.engines.SupervisedTrainer`` (``epoch_length`` = iterations per
             adaptation epoch, i.e. per re-clustering).
     """
@@ -169,8 +173,11 @@ class AIVATrainer(TargetBatchMixin, SupervisedTrainer):
         target_image_key: str = Keys.IMAGE,
         target_index_key: str = "index",
         batchnorm: AdaptationBatchNorm | None = None,
+        target_pass: str = "full",
         **kwargs,
     ) -> None:
+        if target_pass not in ("full", "encoder"):
+            raise ValueError(f"target_pass must be 'full' or 'encoder', got {target_pass!r}.")
         if not isinstance(loss_function, AIVALoss):
             raise TypeError(f"AIVATrainer needs an aiva_monai.losses.AIVALoss, got {type(loss_function).__name__}.")
         if kwargs.get("accumulation_steps", 1) != 1 or kwargs.get("compile", False):
@@ -182,6 +189,7 @@ class AIVATrainer(TargetBatchMixin, SupervisedTrainer):
         self.target_index_key = target_index_key
         self._target_iterator = None
         self.batchnorm = batchnorm if batchnorm is not None else AdaptationBatchNorm(network, "shared")
+        self.target_pass = target_pass
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -230,8 +238,11 @@ class AIVATrainer(TargetBatchMixin, SupervisedTrainer):
         def _forward_and_loss():
             with engine.batchnorm.source_pass():
                 engine.state.output[Keys.PRED] = engine.inferer(inputs, engine.network, *args, **kwargs)
-            with engine.batchnorm.target_pass():
-                engine.network(target_inputs)  # only the tapped bottleneck of the target pass is used
+            with engine.batchnorm.target_pass():  # only the tapped bottleneck of the target pass is used
+                if engine.target_pass == "encoder":
+                    encode(engine.network, target_inputs, engine.bottleneck_tap.module_name)
+                else:
+                    engine.network(target_inputs)
             target_features = engine.bottleneck_tap.features
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             parts = engine.loss_function(

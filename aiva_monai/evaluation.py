@@ -152,7 +152,7 @@ def _write_csv(rows: list[dict], path: Path) -> Path:
 def run_evaluation(network, checkpoints: dict, datasets: dict, inferer, output_dir, *, device="cpu",
                    tolerances_mm=(1.0,), selection_rule: str = "", notes: str = "", cluster_datasets=None,
                    n_clusters: int = 12, cluster_options: dict | None = None, amp: bool = False,
-                   largest_component: bool = False) -> dict:
+                   largest_component: bool = False, cluster_models=None) -> dict:
     """Evaluate every checkpoint on every volume set; write ``evaluation.csv``, ``summary.md`` and,
     when ``cluster_datasets = (source_slices, target_slices)`` is given, ``clusters.png`` (one panel per
     checkpoint: the joint embedding, matched clusters in the same colour).
@@ -164,6 +164,7 @@ def run_evaluation(network, checkpoints: dict, datasets: dict, inferer, output_d
         selection_rule: how the checkpoints were chosen, written next to every number.
         notes: extra lines for the summary (data set, synthetic or simulated, ...).
         tolerances_mm, largest_component: see ``evaluate_volumes``.
+        cluster_models: names of ``checkpoints`` drawn in ``clusters.png`` (default: every checkpoint).
 
     Returns:
         {"rows": per-volume rows, "summary": markdown table, "files": written paths}.
@@ -180,7 +181,7 @@ def run_evaluation(network, checkpoints: dict, datasets: dict, inferer, output_d
             for row in evaluate_volumes(network, dataset, inferer, device=device, tolerances_mm=tolerances_mm, amp=amp,
                                         largest_component=largest_component):
                 rows.append({"model": model_name, "set": set_name, **row})
-        if cluster_datasets is not None:
+        if cluster_datasets is not None and (cluster_models is None or model_name in cluster_models):
             with BottleneckTap(network) as tap:
                 clusterings[f"{model_name} model"] = embed_and_cluster(
                     network, tap, *cluster_datasets, n_clusters, device=device, amp=amp, progress=False,

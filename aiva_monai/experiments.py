@@ -51,6 +51,7 @@ from aiva_monai.baselines import METHODS, reads_target_labels
 from aiva_monai.bundle import REPOSITORY
 from aiva_monai.data.cc359 import CC359_SITES
 from aiva_monai.data.prostate import PROSTATE_SITES
+from aiva_monai.selection import SELECTION_RULES
 
 __all__ = [
     "METHOD_ORDER",
@@ -72,7 +73,9 @@ logger = logging.getLogger(__name__)
 BUNDLES = REPOSITORY / "bundles"
 
 # the paper's column order (Tables 1 and 2)
-METHOD_ORDER = ("oracle", "source", "adabn", "segjdot", "adaptsegnet", "aiva")
+METHOD_ORDER = ("oracle", "source", "adabn", "segjdot", "adaptsegnet", "aiva_v1", "aiva", "aiva+adabn")
+# the methods with clusters (a k per cell)
+AIVA_METHODS = ("aiva_v1", "aiva", "aiva+adabn")
 K_VALUES = (3, 6, 9, 12, 15, 18)  # paper Fig. 5
 DEFAULT_K = 12
 RESULTS_NAME = "results.jsonl"
@@ -91,7 +94,7 @@ K_ABLATION_PAIRS = (
 
 @dataclass(frozen=True)
 class Cell:
-    """One run of the matrix. ``k`` is None for methods without clusters (everything but ``aiva``)."""
+    """One run of the matrix. ``k`` is None for methods without clusters (everything but ``AIVA_METHODS``)."""
 
     dataset: str
     sources: tuple[str, ...]
@@ -169,7 +172,7 @@ def grid(preset: str | Preset, methods: Sequence[str] = METHOD_ORDER, seeds: Seq
          k_values: Sequence[int] = (DEFAULT_K,), steps: int | None = None, paper_subset: bool = False) -> list[Cell]:
     """The cells of a preset, in run order (pair by pair, then seed, then method, then k).
 
-    ``k`` applies to ``aiva`` only: one aiva cell per k, one cell for every other method. For ``cc359`` with
+    ``k`` applies to ``AIVA_METHODS`` only: one cell per k, one cell for every other method. For ``cc359`` with
     ``paper_subset``, the 25 table pairs get every method at k = 12 (or the first of ``k_values``) and the
     5 ablation pairs get ``aiva`` at every k of ``K_VALUES``."""
     preset = PRESETS[preset] if isinstance(preset, str) else preset
@@ -182,7 +185,7 @@ def grid(preset: str | Preset, methods: Sequence[str] = METHOD_ORDER, seeds: Seq
 
     def add(pairs, chosen_methods, ks):
         for (sources, target), seed, method in itertools.product(pairs, seeds, chosen_methods):
-            for k in (ks if method == "aiva" else [None]):
+            for k in (ks if method in AIVA_METHODS else [None]):
                 cells.append(Cell(preset.name, tuple(sources), target, method, int(seed), None if k is None else int(k), steps))
 
     if preset.name == "cc359" and paper_subset:
@@ -322,6 +325,7 @@ class BundleCellRunner:
     source_checkpoint: str | None = None
     overrides: dict = field(default_factory=dict)
     cluster_figure: tuple[str, ...] = ("aiva",)
+    selection: str | None = None
 
     @property
     def configs(self) -> Path:
@@ -380,9 +384,11 @@ class BundleCellRunner:
             "source_checkpoint": self.source_model(cell), "output_dir": str(run_dir), "seed": cell.seed,
             "max_steps": cell.steps, "epoch_length": epoch_length,
         }
-        if cell.method == "aiva":
+        if cell.method in AIVA_METHODS:
             overrides["n_clusters"] = int(cell.k)
             overrides["cluster_every"] = int(self.cluster_every or min(cell.steps, 1000))
+        if self.selection:
+            overrides["selection"] = self.selection
         overrides.update(self.overrides)
         return overrides
 
@@ -400,31 +406,60 @@ class BundleCellRunner:
         progress("evaluating")
         figure = cell.method in self.cluster_figure
         model = str(run_dir / "model.pt")
-        checkpoints = {"source": overrides["source_checkpoint"], cell.method: model} if figure and cell.method != "source" else {cell.method: model}
+        checkpoints = {"source": overrides["source_checkpoint"]} if figure and cell.method != "source" else {}
+        picks = _selection_picks(run_dir)  # {rule: file}, for the methods that keep candidates
+        by_file = defaultdict(list)
+        for rule, file in picks.items():
+            by_file[file].append(rule)
+        names = {file: f"{cell.method} [{' '.join(rules)}]" for file, rules in by_file.items()}
+        if picks:
+            checkpoints.update({names[file]: str(run_dir / file) for file in by_file})
+            main_name = names[picks[card["selection"]]] if card.get("selection") in picks else None
+        else:
+            checkpoints[cell.method] = model
+            main_name = cell.method
         marker = " (READS TARGET LABELS: target-supervised upper bound)" if reads_target_labels(cell.method) else ""
         evaluation = {
-            **overrides, "evaluation#checkpoints": checkpoints, "cluster_figure": figure,
+            **overrides, "eval_checkpoints": checkpoints, "cluster_figure": figure,
+            "evaluation#cluster_models": [n for n in checkpoints if n == "source" or n == main_name],
             "tolerances_mm": list(self.preset.tolerances_mm), "evaluation#selection_rule": card["selection_rule"],
             "evaluation#notes": f"$'method: {cell.method}{marker}, seed {cell.seed}, {cell.steps} steps\\n' + 'data: ' + @datalist_file + '\\nsource: ' + str(@source) + ', target: ' + @target",
         }
         run_bundle([*configs, self.configs / "evaluate.json"], evaluation, run_dir / "evaluate.log")
         rows = list(csv.DictReader(io.StringIO((run_dir / "evaluation" / "evaluation.csv").read_text())))
-        volumes = []
-        for row in rows:
-            if row["model"] != cell.method:
-                continue
-            entry = {"subject": row.get("subject", ""), "set": row["set"], "site": row.get("site", "")}
-            for key, value in row.items():
-                if key == "dice" or key.startswith("surface_dice"):
-                    entry[key] = float(value) if value not in ("", "nan") else None
-            volumes.append(entry)
-        return {
+
+        def volumes_of(name):
+            found = []
+            for row in rows:
+                if row["model"] != name:
+                    continue
+                entry = {"subject": row.get("subject", ""), "set": row["set"], "site": row.get("site", "")}
+                for key, value in row.items():
+                    if key == "dice" or key.startswith("surface_dice"):
+                        entry[key] = float(value) if value not in ("", "nan") else None
+                found.append(entry)
+            return found
+
+        result = {
             "selection_rule": card["selection_rule"],
-            "volumes": volumes,
+            "volumes": volumes_of(main_name),
             "config": {"bundle": self.preset.bundle, "config_files": [str(Path(c).relative_to(REPOSITORY)) for c in configs],
                        "overrides": {k: v for k, v in overrides.items()}},
             "figures": {"clusters": str(run_dir / "evaluation" / "clusters.png")} if figure and (run_dir / "evaluation" / "clusters.png").is_file() else {},
         }
+        if picks:
+            result["selection"] = card.get("selection")
+            result["rule_volumes"] = {rule: volumes_of(names[file]) for rule, file in picks.items()}
+            result["selection_table"] = list(csv.DictReader(io.StringIO((run_dir / "selection.csv").read_text())))
+        return result
+
+
+def _selection_picks(run_dir: Path) -> dict:
+    """{rule: candidate file} from a run's ``selection.json`` (empty for runs without candidates)."""
+    path = Path(run_dir) / "selection.json"
+    if not path.is_file():
+        return {}
+    return {rule: pick["file"] for rule, pick in json.loads(path.read_text())["picks"].items()}
 
 
 class _Lock:
@@ -548,7 +583,7 @@ def report_table(records: Iterable[dict], metric: str, k: int | None = DEFAULT_K
     for record in records:
         if record.get("status", "ok") != "ok":
             continue
-        if record["method"] == "aiva" and k is not None and record.get("k") not in (None, k):
+        if record["method"] in AIVA_METHODS and k is not None and record.get("k") not in (None, k):
             continue
         value = _target_mean(record, metric)
         if value is not None:
@@ -568,6 +603,40 @@ def report_table(records: Iterable[dict], metric: str, k: int | None = DEFAULT_K
         average_values.append([float(np.mean([per[(row, m)][s] for row in rows if s in per.get((row, m), {})])) for s in seeds])
     lines.append("| " + " | ".join(["average", *[_cell_text(v) for v in average_values]]) + " |")
     table_rows.append(_csv_row("average", methods, average_values))
+    return "\n".join(lines), table_rows
+
+
+def selection_table(records: Iterable[dict], metric: str) -> tuple[str, list[dict]]:
+    """The target ``metric`` of the checkpoint each label-free selection rule picks, for every trained method:
+    rows = method, columns = rule, cells = mean +/- std over seeds of the per-seed mean over the table's rows
+    (targets) of the mean over target test volumes. The rule each method was run with is marked ``(used)``.
+
+    Returns (markdown, csv rows); empty when no record carries per-rule results."""
+    per = defaultdict(lambda: defaultdict(list))  # (method, rule) -> seed -> [row means]
+    used = {}
+    for record in records:
+        if record.get("status", "ok") != "ok" or "rule_volumes" not in record:
+            continue
+        used[record["method"]] = record.get("selection")
+        for rule, volumes in record["rule_volumes"].items():
+            value = _target_mean({"volumes": volumes}, metric)
+            if value is not None:
+                per[(record["method"], rule)][record["seed"]].append(value)
+    if not per:
+        return "", []
+    methods = [m for m in METHOD_ORDER if any(key[0] == m for key in per)]
+    rules = [r for r in SELECTION_RULES if any(key[1] == r for key in per)]
+    lines = ["| method | " + " | ".join(rules) + " |", "|---|" + "---|" * len(rules)]
+    table_rows = []
+    for method in methods:
+        cells, row = [], {"method": method, "used": used.get(method) or ""}
+        for rule in rules:
+            values = [float(np.mean(v)) for v in per.get((method, rule), {}).values()]
+            cells.append(_cell_text(values) + (" (used)" if used.get(method) == rule else ""))
+            row[f"{rule}_mean"] = round(100 * float(np.mean(values)), 2) if values else ""
+            row[f"{rule}_std"] = round(100 * float(np.std(values, ddof=1)), 2) if len(values) > 1 else ""
+        lines.append("| " + " | ".join([method, *cells]) + " |")
+        table_rows.append(row)
     return "\n".join(lines), table_rows
 
 
@@ -599,7 +668,7 @@ def render_report(records: list[dict], metrics: Sequence[str] | None = None) -> 
     if metrics is None:
         preset = PRESETS.get(records[0]["dataset"])
         metrics = preset.metrics if preset else ("dice",)
-    ks = sorted({r["k"] for r in records if r["method"] == "aiva" and r.get("k") is not None})
+    ks = sorted({r["k"] for r in records if r["method"] in AIVA_METHODS and r.get("k") is not None})
     k = DEFAULT_K if DEFAULT_K in ks or not ks else ks[0]
     parts, tables = [], {}
     datasets = sorted({r["dataset"] for r in records})
@@ -611,6 +680,16 @@ def render_report(records: list[dict], metrics: Sequence[str] | None = None) -> 
         markdown, rows = report_table(records, metric, k if ks else None)
         tables[metric] = rows
         parts += [f"## {METRIC_TITLES.get(metric, metric)} (target test volumes, %)", "", markdown, ""]
+    preset = PRESETS.get(records[0]["dataset"])
+    primary = preset.metric if preset else metrics[0]
+    markdown, rows = selection_table(records, primary)
+    if markdown:
+        tables[f"selection_{primary}"] = rows
+        parts += [f"## Model selection: target {METRIC_TITLES.get(primary, primary)} of the checkpoint each label-free rule picks (%)",
+                  "", markdown, "",
+                  "Rules: " + "; ".join(f"`{name}`: {rule.description}" for name, rule in SELECTION_RULES.items()) + ". "
+                  "Every rule reads source labels or target images only; the table is computed after the runs, so it shows "
+                  "how much the choice of rule matters, it was not used to choose the rule.", ""]
     rules = sorted({(r["method"], r.get("selection_rule", "")) for r in records}, key=lambda x: METHOD_ORDER.index(x[0]) if x[0] in METHOD_ORDER else 99)
     parts.append("- cells: mean +/- sample std over seeds of the per-seed mean over the target test volumes (one seed: the mean alone)")
     parts.append(f"- seeds: {', '.join(map(str, seeds))}; adaptation steps: {', '.join(map(str, steps))}" + (f"; AIVA k = {k}" if ks else ""))
@@ -815,6 +894,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--cluster_every", type=int, default=None, help="AIVA: steps between clustering rounds")
     run.add_argument("--pretrain_steps", type=int, default=None)
     run.add_argument("--source_checkpoint", default=None)
+    run.add_argument("--selection", default=None, choices=sorted(SELECTION_RULES),
+                     help="the label-free rule whose pick is each trained method's model (default: train.json's); every "
+                          "rule's pick is evaluated and reported anyway")
     run.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="extra monai.bundle overrides (JSON values)")
     run.add_argument("--stop-on-error", action="store_true")
     report = commands.add_parser("report", help="tables and figures from a results file")
@@ -850,7 +932,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides[key] = _parse_value(value)
     runner = BundleCellRunner(preset, output, dataset_dir=args.dataset_dir, datalist=datalist, epoch_length=args.epoch_length,
                               cluster_every=args.cluster_every, pretrain_steps=args.pretrain_steps,
-                              source_checkpoint=args.source_checkpoint, overrides=overrides)
+                              source_checkpoint=args.source_checkpoint, overrides=overrides, selection=args.selection)
     print(f"{len(cells)} cells ({preset.description}); results: {output / RESULTS_NAME}", flush=True)
     summary = run_matrix(cells, output, runner, keep_going=not args.stop_on_error)
     print(f"ran {len(summary['ran'])}, skipped {len(summary['skipped'])} (already recorded), failed {len(summary['failed'])}")

@@ -19,6 +19,7 @@ from aiva_monai.baselines import batchnorm_layers
 from aiva_monai.data.cc359 import CC359_SITES
 from aiva_monai.data.prostate import make_prostate_demo
 from aiva_monai.experiments import (
+    AIVA_METHODS,
     K_ABLATION_PAIRS,
     K_VALUES,
     METHOD_ORDER,
@@ -46,7 +47,7 @@ def test_cc359_grid_is_the_30_ordered_pairs_times_every_method():
     assert len(pairs) == 30 and all(len(s) == 1 and s[0] != t for s, t in pairs)
     assert {s[0] for s, _ in pairs} == set(CC359_SITES) == {t for _, t in pairs}
     assert len(cells) == 30 * len(METHOD_ORDER) and {c.method for c in cells} == set(METHOD_ORDER)
-    assert all(c.k == 12 if c.method == "aiva" else c.k is None for c in cells)
+    assert all(c.k == 12 if c.method in AIVA_METHODS else c.k is None for c in cells)
     assert all(c.steps == 6500 for c in cells) and len({c.id for c in cells}) == len(cells)
 
 
