@@ -5,6 +5,7 @@ Each test builds its inputs (synthetic NIfTI volumes, DICOM series written with 
 
 import csv
 import hashlib
+import json
 import logging
 import subprocess
 import sys
@@ -193,8 +194,10 @@ def test_a_case_failing_after_its_mask_was_written_leaves_no_mask(bundle, tmp_pa
     """The overlay (after the mask) fails: the row says failed and the new mask is removed with it."""
     suffix = BUNDLES[bundle][0]
     save(tmp_path / "scans" / "case.nii.gz")
+    transforms = json.loads((REPOSITORY / "bundles" / bundle / "configs" / "inference.json").read_text())["postprocessing"]["transforms"]
+    overlay = next(i for i, t in enumerate(transforms) if t["_target_"].endswith("SaveOverlayd"))
     rows = infer(bundle, tmp_path / "scans", tmp_path / "out", checkpoint, exit_code=ExitCode.ALL_FAILED,
-                 **{"postprocessing#transforms#4#image_key": "no_such_key"})
+                 **{f"postprocessing#transforms#{overlay}#image_key": "no_such_key"})
     assert rows["case"]["status"] == "failed" and "KeyError" in rows["case"]["message"] and rows["case"]["mask"] == ""
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["summary.csv"]
     assert not (tmp_path / "out" / f"case{suffix}.nii.gz").exists()
