@@ -147,7 +147,8 @@ class AdaptationBatchNorm:
     Use ``with bn.source_pass(): ...`` and ``with bn.target_pass(): ...`` around the two forward passes of
     a step, and ``bn.site_statistics(site)`` around an eval-mode embedding pass of that site. ``start`` runs
     once when adaptation starts (``AIVATrainer`` calls it at ``Events.STARTED``, after the source weights are
-    loaded). The source set ("target", "per_site") is in ``state_dict()``.
+    loaded). The source set ("target", "per_site") is in ``state_dict()``. A network without BatchNorm layers
+    (instance or group norm) keeps no running statistics: every mode then behaves the same and ``start`` does nothing.
     """
 
     def __init__(self, network: nn.Module, mode: str = "shared", start_loader: Iterable | None = None,
@@ -176,6 +177,8 @@ class AdaptationBatchNorm:
         if self.mode == "per_site" and isinstance(self.network, nn.parallel.DistributedDataParallel):
             raise NotImplementedError("batchnorm mode 'per_site' swaps buffers, which DistributedDataParallel does "
                                       "not follow; use 'target' for multi-GPU runs.")
+        if not self.layers:  # instance / group norm: no running statistics, every mode is the same
+            return
         if self.mode != "shared":
             self.source_set = [{k: v.detach().clone() for k, v in buffers.items()} for buffers in self._current()]
         if self.start_loader is not None:

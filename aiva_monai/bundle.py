@@ -29,6 +29,7 @@ __all__ = [
     "demo_report",
     "verify_metadata",
     "present",
+    "handler_of",
     "save_weights",
     "copy_weights",
     "write_method_card",
@@ -146,9 +147,11 @@ def unlabelled_slices(datalist_file, split, site, base_dir, transform, slice_axi
     subject of ``site``."""
     from aiva_monai.data import SliceDataset
 
-    found = load_datalist(datalist_file, split, site, base_dir=base_dir, require_labels=False)
-    if not found:
+    content = json.loads(Path(datalist_file).read_text())
+    sites = {site} if isinstance(site, str) else set(site)
+    if not any(entry.get("site") in sites for entry in content.get(split, [])):
         return None
+    found = load_datalist(datalist_file, split, site, base_dir=base_dir, require_labels=False)
     data = [{k: v for k, v in e.items() if k != "label"} for e in found]
     return SliceDataset(data, transform, keys=("image",), slice_axis=slice_axis, progress=False)
 
@@ -207,6 +210,15 @@ def verify_metadata(meta_file, schema_file=REPOSITORY / "bundles" / "schema" / "
 
 
 # -- method overlays (configs/methods/*.json) ---------------------------------------------------------------
+
+
+def handler_of(handlers, type_name: str):
+    """The handler of ``handlers`` whose class is named ``type_name``, or None (it is switched off): configs refer
+    to a handler of a list by what it is, not by its position in the list."""
+    found = [h for h in handlers if type(h).__name__ == type_name]
+    if len(found) > 1:
+        raise ValueError(f"{len(found)} handlers of type {type_name} in the list: name one by position instead.")
+    return found[0] if found else None
 
 
 def present(mapping: dict) -> dict:

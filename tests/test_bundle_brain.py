@@ -1,6 +1,7 @@
 """The aiva_brain bundle through monai.bundle: configs, metadata, a few-iteration pretrain + adapt + evaluate
 on real IXI-HH subjects, target labels never read, and inference geometry."""
 
+import csv
 import hashlib
 import json
 from pathlib import Path
@@ -67,7 +68,8 @@ def ixi_tiny(ixi_root, tmp_path_factory):
         "default_source_site": shipped["default_source_site"],
         "default_target_site": shipped["default_target_site"],
         "training": source + target,
-        "validation": [e for e in shipped["validation"] if e["site"] == "ixi_hh"][:1],
+        # one target validation subject: its images (never its label) are the held-out slices of label-free selection
+        "validation": [e for e in shipped["validation"] if e["site"] == "ixi_hh"][:1] + [e for e in shipped["validation"] if e["site"] != "ixi_hh"][:1],
         "test": [e for e in shipped["test"] if e["site"] == "ixi_hh"][:1] + [e for e in shipped["test"] if e["site"] != "ixi_hh"][:1],
     }
     folder = tmp_path_factory.mktemp("ixi_tiny")
@@ -100,9 +102,16 @@ def test_pretrain_adapt_evaluate_through_monai_bundle(ixi_tiny):
 
     run(config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")], **overrides)
     evaluation = folder / "train" / "evaluation"
-    rows = (evaluation / "evaluation.csv").read_text().splitlines()
-    assert rows[0].startswith("model,set,subject,site,") and len(rows) == 1 + 2 * 2
-    assert {r.split(",")[1] for r in rows[1:]} == {"target test", "source test"}
+    rows = list(csv.DictReader(open(evaluation / "evaluation.csv")))
+    models = {}
+    for row in rows:
+        models.setdefault(row["model"], []).append(row["set"])
+    # source, the AdaBN baseline and every distinct pick of the selection rules, each on both test subjects
+    assert list(models)[:2] == ["source", "adabn"] and all(sorted(sets) == ["source test", "target test"] for sets in models.values())
+    picks = json.loads((folder / "train" / "selection.json").read_text())
+    adapted = [name for name in models if name.startswith("adapted (")]
+    assert adapted[0].startswith(f"adapted ({picks['rule']}")  # the configured rule's pick (model.pt) first
+    assert sorted(r for name in adapted for r in name[len("adapted ("):-1].split(", ")) == sorted(picks["picks"])
     summary = (evaluation / "summary.md").read_text()
     assert "model selection" in summary and "surface Dice @ 1 mm" in summary and "ixi_hh_simulated_strong" in summary
     assert (evaluation / "clusters.png").stat().st_size > 10_000

@@ -63,7 +63,7 @@ def probe_overlay(path, base_configs, output):
     initialize = json.loads(Path(base_configs[-1]).read_text())["initialize"]
     overlay = {
         "imports": list(dict.fromkeys(imports + ["$import tests.distributed_probe as distributed_probe"])),
-        "initialize": initialize + [f"$distributed_probe.attach(@train#trainer, @train#handler#clustering, {str(output)!r})"],
+        "initialize": initialize + [f"$distributed_probe.attach(@train#trainer, aiva_monai.bundle.handler_of(@train#handlers, 'AIVAClusteringHandler'), {str(output)!r})"],
     }
     path.write_text(json.dumps(overlay))
     return path
@@ -179,13 +179,14 @@ def test_overlays_follow_their_train_json(bundle):
     expected = [item + " if dist.get_rank() == 0 else None" if item == saver else item for item in train["initialize"]]
     assert overlay["initialize"][2:] == expected and "init_process_group(backend=@backend)" in overlay["initialize"][0]
     assert "$@train#trainer.run()" in overlay["run"] and overlay["finalize"] == ["$dist.is_initialized() and dist.destroy_process_group()"]
-    # every rank keeps the source weights' loader, the clustering and the learning-rate schedule; the other
-    # handlers (selection with validation, logs) run on rank 0 only
-    handlers = train["train"]["handler"]
-    every_rank = ("source_weights", "clustering", "lr_schedule")
-    assert [handlers[name]["_target_"] for name in every_rank] == [
-        "CheckpointLoader", "aiva_monai.handlers.AIVAClusteringHandler", "LrScheduleHandler"]
-    assert str(every_rank) in overlay["train#trainer#train_handlers"]
-    rank0_only = {key.split("#")[2] for key in overlay if key.startswith("train#handler#") and key.endswith("#_disabled_")}
-    assert rank0_only == set(handlers) - set(every_rank)
-    assert {key.split("#")[2] for key in overlay if key.startswith("validate#handler#")} == set(train["validate"]["handler"])
+    # every rank keeps the source weights' loader, the clustering and the learning-rate schedule (picked by type,
+    # not position); the other handlers (selection with validation, logs) run on rank 0 only, and every handler
+    # that writes logs is switched by write_logs, which the overlay sets for rank 0
+    kept = ("CheckpointLoader", "AIVAClusteringHandler", "LrScheduleHandler")
+    assert str(kept) in overlay["train#trainer#train_handlers"] and overlay["write_logs"] == "$dist.get_rank() == 0"
+    targets = [h["_target_"].rsplit(".", 1)[-1] for h in train["train"]["handlers"]]
+    assert set(kept) <= set(targets)
+    for handlers in (train["train"]["handlers"], train["validate"]["handlers"]):
+        for handler in handlers:
+            if handler["_target_"] in ("StatsHandler", "TensorBoardStatsHandler"):
+                assert handler["_disabled_"] == "$not @write_logs"
