@@ -54,10 +54,10 @@ def test_the_export_is_self_contained(bundle, exported):
         assert (root / name).is_file(), name
     assert not (root / "scripts" / "experiments.py").exists()  # no config needs the experiment matrix
     for file in [*root.joinpath("configs").rglob("*.json"), *root.joinpath("scripts").rglob("*.py")]:
-        assert "aiva_monai" not in file.read_text(), file
-    inference = json.loads((root / "configs" / "inference.json").read_text())
+        assert "aiva_monai" not in file.read_text(encoding="utf-8"), file
+    inference = json.loads((root / "configs" / "inference.json").read_text(encoding="utf-8"))
     assert "$import scripts" in inference["imports"] and inference["evaluator"]["_target_"] == "scripts.inference.InferenceEvaluator"
-    meta = json.loads((root / "configs" / "metadata.json").read_text())
+    meta = json.loads((root / "configs" / "metadata.json").read_text(encoding="utf-8"))
     assert meta["schema"] == ZOO_SCHEMA_URL and "aiva-monai" not in meta["required_packages_version"]
     required = {name.lower() for name in meta["required_packages_version"]}
     assert {"highdicom", "nibabel", "simpleitk", "pytorch-ignite", "scikit-learn"} <= required
@@ -94,7 +94,7 @@ def test_exported_inference_runs_without_aiva_monai(bundle, exported, tmp_path):
     done = without_aiva_monai(["monai.bundle", "run", "--config_file", "configs/inference.json", "--dataset_dir", scans,
                                "--output_dir", tmp_path / "out"], cwd=exported[bundle])
     assert done.returncode == ExitCode.OK, done.stdout[-3000:] + done.stderr[-3000:]
-    summary = (tmp_path / "out" / "summary.csv").read_text().splitlines()
+    summary = (tmp_path / "out" / "summary.csv").read_text(encoding="utf-8").splitlines()
     assert len(summary) == 3 and all(",ok," in line for line in summary[1:])
     suffix = "_brainmask" if bundle == "aiva_brain" else "_prostate"
     assert (tmp_path / "out" / f"series{suffix}.seg.dcm").is_file() and (tmp_path / "out" / f"volume{suffix}.nii.gz").is_file()
@@ -114,7 +114,7 @@ def test_large_files_are_listed_for_download(tmp_path):
     with pytest.raises(ValueError, match=r"\['models/model.pt'\] exceed the model zoo's 1 MB limit: pass --large_files_url"):
         export_bundle(BUNDLES / "aiva_brain", tmp_path / "refused", file_limit_mb=1)
     root = export_bundle(BUNDLES / "aiva_brain", tmp_path / "listed", file_limit_mb=1, large_files_url="https://example.invalid/aiva")
-    text = (root / "large_files.yml").read_text()
+    text = (root / "large_files.yml").read_text(encoding="utf-8")
     import hashlib
 
     digest = hashlib.sha256((BUNDLES / "aiva_brain" / "models" / "model.pt").read_bytes()).hexdigest()
