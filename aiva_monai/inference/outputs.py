@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from aiva_monai.io import atomic_path, check_writable_dir, write_text_atomic
+from aiva_monai.io import atomic_path, check_writable_dir
 from aiva_monai.inference.summary import SUMMARY_FIELDS, read_summary, summary_text
 
 __all__ = ["OutputFolder", "OUTPUT_KINDS", "InputOverwriteError"]
@@ -155,5 +155,6 @@ class OutputFolder:
 
     def write_summary(self, fields: Sequence[str] = SUMMARY_FIELDS) -> Path:
         """Writes ``rows`` to the summary CSV (atomically, never over an input)."""
-        self.check(self.summary_file)
-        return write_text_atomic(self.summary_file, summary_text(self.rows.values(), fields))
+        with self.atomic(self.summary_file) as temporary:  # UTF-8 whatever the locale (names like "Müller")
+            temporary.write_bytes(summary_text(self.rows.values(), fields).encode("utf-8"))
+        return self.summary_file

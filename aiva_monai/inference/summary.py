@@ -40,7 +40,7 @@ def read_summary(path: str | Path, fields: Iterable[str] = SUMMARY_FIELDS) -> di
     if not path.is_file():
         return {}
     try:
-        with open(path, newline="") as stream:
+        with open(path, newline="", encoding="utf-8") as stream:
             rows = [row for row in csv.DictReader(stream) if row.get("case")]
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         backup = path.with_name(path.name + ".unreadable")
