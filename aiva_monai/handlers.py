@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
+import time
 from pathlib import Path
 from collections.abc import Callable
 
@@ -14,8 +16,10 @@ from ignite.engine import Engine, Events
 from monai.handlers.ignite_metric import IgniteMetricHandler
 from monai.utils import CommonKeys as Keys
 
-from aiva_monai.clustering import SiteClustering
-from aiva_monai.embedding import embed_and_cluster
+from aiva_monai.clustering import ClusteringSettings, SiteClustering, cluster_sketches, slice_positions
+from aiva_monai.embedding import compute_source_means, distributed_context, embed_and_cluster, embed_sites
+from aiva_monai.io import write_csv_atomic
+from aiva_monai.progress import RoundProgress
 from aiva_monai.engines import ClusterAssignment
 from aiva_monai.metrics import VolumeSurfaceDiceMetric
 
@@ -27,13 +31,12 @@ _ARRAY_FIELDS = ("source_labels", "target_labels", "embedding", "source_centers"
 class AIVAClusteringHandler:
     """Re-clusters source and target at the start of every adaptation epoch of an ``AIVATrainer``.
 
-    At ``EPOCH_STARTED`` (every ``interval`` epochs) it runs the network in eval mode over every source
-    and every target slice (no gradients), reduces each bottleneck map with a ``FeatureProjector``,
-    clusters both sites (``cluster_sketches``: joint PCA, joint t-SNE, per-site k-means, Hungarian
-    matching), then makes a second pass over the source slices to average their full bottleneck
-    features per source cluster. The trainer receives the target cluster ids and the source means as
-    ``engine.state.aiva_assignment``. Host memory stays at (n_s + n_t) x ``sketch_dim`` floats plus one
-    batch, whatever the bottleneck size.
+    At ``EPOCH_STARTED`` (every ``interval`` epochs) it runs one clustering round (``embed_and_cluster``):
+    one eval-mode pass of the network's encoder over every source and every target slice (no gradients),
+    each bottleneck reduced to a sketch (``FeatureProjector``) and each source bottleneck kept in a
+    ``FeatureStore``; joint PCA, joint t-SNE, per-site k-means and Hungarian matching on the sketches
+    (``cluster_sketches``); the full-dimensional source means per cluster from the store. The trainer
+    receives the target cluster ids and the source means as ``engine.state.aiva_assignment``.
 
     Args:
         source_dataset: labelled source slices (only ``image_key`` is read).
@@ -41,17 +44,38 @@ class AIVAClusteringHandler:
             must carry ``index == i``, as ``aiva_monai.data.SliceDataset`` does.
         n_clusters: k (paper: 12).
         interval: re-cluster every this many epochs.
-        batch_size, num_workers: of the embedding passes.
+        settings: every setting of the round, one ``ClusteringSettings`` (or a dict of them, such as a
+            bundle's ``cluster_options``; None: the defaults).
+        num_workers: data-loader workers of the embedding pass.
         image_key, index_key: keys of the image and of the dataset index in a sample.
-        pca_components, sketch_dim, tsne_method, perplexity, seed, n_jobs: see ``cluster_sites``.
-        progress: show a progress bar over the embedding batches (default: when stderr is a terminal).
+        progress: show progress bars (default: when stderr is a terminal); log lines are always written.
         group_key: volume entry key naming each source slice's site (``SliceDataset`` data). When the
             source holds several sites (leave-one-site-out), their union is clustered as one source and
             each site's share of every source cluster is logged and kept in ``history``.
         name: logger name.
+        stats_file: CSV file rewritten after every round, one row per round (epoch, sizes, matched cost,
+            seconds per stage); None: no file.
+        site_context: passed to ``embed_and_cluster`` (per-site context around each site's pass).
+        batch_size, pca_components, sketch_dim, tsne_method, perplexity, seed, n_jobs: the former
+            keywords; when given they override the same fields of ``settings``.
 
-    The clustering of the current epoch is in ``state_dict()`` / ``load_state_dict()``: save the handler
-    with the checkpoint and a run resumed mid-epoch continues with the same clusters and means.
+    Every round's seconds per stage are also put in ``engine.state.metrics`` as ``aiva_time_<stage>``
+    (and ``aiva_round_seconds``, the time training waited) for the epoch, so MONAI's ``StatsHandler`` and
+    ``TensorBoardStatsHandler`` log them at the end of the epoch; they are absent in epochs without a round.
+
+    ``settings.overlap``: the first round runs as above. At every later due epoch the handler runs the
+    embedding pass (the network is needed), hands the rest of the round (PCA, t-SNE, k-means, matching)
+    to a background process, and trains this epoch with the previous round's clusters; the round's result
+    (its source means summed from the store) is taken into use at the next due epoch. So clusters and
+    means used in an epoch come from the network of one clustering interval earlier (one round stale; in
+    return, only the embedding pass stops training). The result is the same whatever the timing (the
+    background process computes exactly ``cluster_sketches``), and ``state_dict()`` waits for a round
+    in flight, so resuming from a checkpoint is exact. Under torch.distributed it falls back to
+    synchronous rounds.
+
+    The clustering of the current epoch (and, with ``overlap``, the next) is in ``state_dict()`` /
+    ``load_state_dict()``: save the handler with the checkpoint and a run resumed mid-epoch continues with
+    the same clusters and means.
     """
 
     def __init__(
@@ -60,39 +84,67 @@ class AIVAClusteringHandler:
         target_dataset,
         n_clusters: int = 12,
         interval: int = 1,
-        batch_size: int = 32,
+        settings: ClusteringSettings | dict | None = None,
         num_workers: int = 0,
         image_key: str = Keys.IMAGE,
         index_key: str = "index",
-        pca_components: int = 20,
-        sketch_dim: int = 1024,
-        tsne_method: str = "opentsne",
-        perplexity: float = 30.0,
-        seed: int = 0,
-        n_jobs: int = -1,
         progress: bool | None = None,
         group_key: str | None = "site",
         name: str | None = None,
+        stats_file: str | None = None,
+        site_context=None,
+        *,
+        batch_size: int | None = None,
+        pca_components: int | None = None,
+        sketch_dim: int | None = None,
+        tsne_method: str | None = None,
+        perplexity: float | None = None,
+        seed: int | None = None,
+        n_jobs: int | None = None,
     ) -> None:
         if interval < 1:
             raise ValueError(f"interval must be at least 1, got {interval}.")
+        self.settings = ClusteringSettings.coerce(
+            settings, batch_size=batch_size, pca_components=pca_components, sketch_dim=sketch_dim,
+            tsne_method=tsne_method, perplexity=perplexity, seed=seed, n_jobs=n_jobs,
+        )
         self.source_dataset = source_dataset
         self.target_dataset = target_dataset
         self.n_clusters = int(n_clusters)
         self.interval = int(interval)
-        self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.image_key = image_key
         self.index_key = index_key
-        self.cluster_kwargs = dict(pca_components=pca_components, tsne_method=tsne_method, perplexity=perplexity, n_jobs=n_jobs)
-        self.sketch_dim = int(sketch_dim)
-        self.seed = int(seed)
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.source_groups = source_slice_groups(source_dataset, group_key) if group_key else None
         self.logger = logging.getLogger(name or __name__)
+        self.stats_file = stats_file
+        self.site_context = site_context
+        if self.settings.slice_position:
+            slice_positions(source_dataset), slice_positions(target_dataset)  # fail now, not at the first round
         self.clustering: SiteClustering | None = None
         self.clustered_epoch: int | None = None
         self.history: list[dict] = []
+        # overlap mode: the round taken into use at the next due epoch, and the one in flight
+        self.pending: SiteClustering | None = None
+        self.pending_epoch: int | None = None
+        self._in_flight = None  # (epoch, future, EmbeddedSites)
+        self._executor = None
+        self._reported = 0
+        self._device = "cpu"
+
+    # the former attributes, read by callers of the old handler
+    @property
+    def seed(self) -> int:
+        return self.settings.seed
+
+    @property
+    def batch_size(self) -> int:
+        return self.settings.batch_size
+
+    @property
+    def sketch_dim(self) -> int:
+        return self.settings.sketch_dim
 
     def attach(self, engine: Engine) -> None:
         if not hasattr(engine, "bottleneck_tap"):
@@ -103,15 +155,52 @@ class AIVAClusteringHandler:
                     f"the {site} dataset has {len(dataset)} slices, fewer than n_clusters={self.n_clusters}."
                 )
         engine.add_event_handler(Events.EPOCH_STARTED, self)
+        engine.add_event_handler(Events.COMPLETED, lambda _: self.shutdown())
+        engine.add_event_handler(Events.EXCEPTION_RAISED, lambda _, __: self.shutdown())
 
     def __call__(self, engine: Engine) -> None:
         epoch = engine.state.epoch
         due = (epoch - 1) % self.interval == 0
-        if self.clustering is None or (due and self.clustered_epoch != epoch):
+        for key in [k for k in engine.state.metrics if k.startswith("aiva_time_") or k == "aiva_round_seconds"]:
+            del engine.state.metrics[key]
+        start, acted = time.perf_counter(), False
+        if self.clustering is None or (due and self.clustered_epoch != epoch and not self._overlapping()):
             self.run_clustering(engine)
+            acted = True
+        elif due and self.clustered_epoch != epoch and self._launched_epoch() != epoch:
+            acted = True
+            self._collect()
+            if self.pending is not None:
+                self.clustering, self.clustered_epoch = self.pending, self.pending_epoch
+                self.pending, self.pending_epoch = None, None
+                self.logger.info(f"AIVA epoch {epoch}: training with the clusters of epoch {self.clustered_epoch} "
+                                 "(computed in the background)")
+            if epoch + self.interval <= engine.state.max_epochs:  # else no epoch would use the round
+                self._launch(engine)
+        waited = time.perf_counter() - start
+        if len(self.history) > self._reported:  # a round finished since the last epoch started: its times
+            for key, value in self.history[-1].items():
+                if key.startswith("time_"):
+                    engine.state.metrics[f"aiva_{key}"] = float(value)
+            self._reported = len(self.history)
+        if acted:
+            engine.state.metrics["aiva_round_seconds"] = waited
         self._hand_over(engine)
 
     # -- the clustering round -------------------------------------------------------------------
+
+    def _options(self, engine: Engine) -> dict:
+        return dict(device=engine.state.device, num_workers=self.num_workers, image_key=self.image_key,
+                    index_key=self.index_key, amp=engine.amp, amp_kwargs=engine.amp_kwargs, site_context=self.site_context)
+
+    def _settings_for(self, engine: Engine) -> ClusteringSettings:
+        settings = self.settings
+        if torch.device(engine.state.device).type == "cuda" and settings.pca_device is None:
+            settings = settings.replace(pca_device=str(engine.state.device))
+        return settings
+
+    def _previous_embedding(self):
+        return None if self.clustering is None else self.clustering.embedding
 
     def run_clustering(self, engine: Engine) -> SiteClustering:
         """One clustering round; stores and returns the ``SiteClustering`` (with ``source_means``)."""
@@ -122,20 +211,18 @@ class AIVAClusteringHandler:
             self.source_dataset,
             self.target_dataset,
             self.n_clusters,
-            device=engine.state.device,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            image_key=self.image_key,
-            index_key=self.index_key,
-            amp=engine.amp,
-            amp_kwargs=engine.amp_kwargs,
-            sketch_dim=self.sketch_dim,
-            seed=self.seed,
+            self._settings_for(engine),
             progress=self.progress,
             label=f"epoch {epoch}: ",
-            **self.cluster_kwargs,
+            init_embedding=self._previous_embedding(),
+            log=self.logger,
+            **self._options(engine),
         )
         self.clustering, self.clustered_epoch = result, epoch
+        self._record(epoch, result)
+        return result
+
+    def _summary(self, epoch: int, result: SiteClustering) -> dict:
         summary = {
             "epoch": epoch,
             "n_source": int(len(result.source_labels)),
@@ -146,16 +233,22 @@ class AIVAClusteringHandler:
             "source_cluster_max": int(result.source_sizes.max()),
             "target_cluster_min": int(result.target_sizes.min()),
             "target_cluster_max": int(result.target_sizes.max()),
+            "tsne_warm_started": bool(result.warm_started),
             **{f"time_{stage}": float(seconds) for stage, seconds in result.timings.items()},
         }
         if self.source_groups is not None and len(set(self.source_groups)) > 1:
             summary["source_sites"] = per_group_cluster_counts(self.source_groups, result.source_labels, self.n_clusters)
+        return summary
+
+    def _record(self, epoch: int, result: SiteClustering) -> None:
+        summary = self._summary(epoch, result)
         self.history.append(summary)
         times = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in result.timings.items())
         self.logger.info(
             f"AIVA epoch {epoch}: k={self.n_clusters}, source clusters of {summary['source_cluster_min']}-"
             f"{summary['source_cluster_max']} slices, target clusters of {summary['target_cluster_min']}-"
-            f"{summary['target_cluster_max']} slices; {times}; matched cost {result.matched_cost:.3g}"
+            f"{summary['target_cluster_max']} slices; {times} (round {sum(result.timings.values()):.1f} s); "
+            f"matched cost {result.matched_cost:.3g}"
         )
         if "source_sites" in summary:
             self.logger.info(
@@ -166,9 +259,87 @@ class AIVAClusteringHandler:
                     for site, stats in summary["source_sites"].items()
                 )
             )
-        return result
+        self._write_stats()
+
+    def _write_stats(self) -> None:
+        if not self.stats_file or not self.history:
+            return
+        rows = [{k: v for k, v in row.items() if not isinstance(v, dict)} for row in self.history]
+        fields = list(dict.fromkeys(key for row in rows for key in row))
+        write_csv_atomic(self.stats_file, rows, fields)
+
+    # -- overlap: the round's clustering in a background process ---------------------------------------
+
+    def _overlapping(self) -> bool:
+        if not self.settings.overlap:
+            return False
+        if distributed_context()[1] > 1:
+            if not getattr(self, "_warned_distributed", False):
+                self.logger.warning("AIVA: overlap is not supported under torch.distributed; clustering synchronously.")
+                self._warned_distributed = True
+            return False
+        return True
+
+    def _launched_epoch(self) -> int | None:
+        if self._in_flight is not None:
+            return self._in_flight[0]
+        return self.pending_epoch
+
+    def _launch(self, engine: Engine) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        epoch = engine.state.epoch
+        settings = self._settings_for(engine)
+        options = self._options(engine)
+        reporter = RoundProgress(self.logger, f"AIVA epoch {epoch}: ", settings.log_every_s, bar=self.progress)
+        embedded = embed_sites(engine.network, engine.bottleneck_tap, self.source_dataset, self.target_dataset, settings,
+                               progress=reporter, **options)
+        reporter.close()
+        if self._executor is None:
+            # spawn: a clean interpreter (no copy of a process with torch threads or CUDA state)
+            self._executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                                 initializer=_background_init, initargs=(os.getpid(),))
+        future = self._executor.submit(
+            cluster_sketches, embedded.source_sketch, embedded.target_sketch, self.n_clusters, settings.replace(pca_device=None),
+            source_positions=embedded.source_positions, target_positions=embedded.target_positions,
+            init_embedding=self._previous_embedding(),
+        )
+        self._in_flight = (epoch, future, embedded)
+        self.logger.info(f"AIVA epoch {epoch}: embedded in {embedded.seconds:.1f} s; PCA, t-SNE, k-means and matching "
+                         f"run in a background process, used from epoch {epoch + self.interval}")
+
+    def _collect(self) -> None:
+        """Wait for the round in flight (if any), sum its source means from the store, keep it as pending."""
+        if self._in_flight is None:
+            return
+        epoch, future, embedded = self._in_flight
+        waited = time.perf_counter()
+        try:
+            result = future.result()
+            waited = time.perf_counter() - waited
+            start = time.perf_counter()
+            result.source_means = compute_source_means(result, embedded, self.n_clusters, self.settings,
+                                                       device=self._device)
+            result.timings = {"embed": embedded.seconds, **result.timings, "means": time.perf_counter() - start,
+                              "wait": waited}
+        finally:
+            embedded.close()
+            self._in_flight = None
+        self.pending, self.pending_epoch = result, epoch
+        self._record(epoch, result)
+
+    def shutdown(self) -> None:
+        """Stop the background process (a round in flight is abandoned)."""
+        if self._in_flight is not None:
+            self._in_flight[2].close()
+            self._in_flight = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
 
     def _hand_over(self, engine: Engine) -> None:
+        self._device = engine.state.device
         result = self.clustering
         engine.state.aiva_assignment = ClusterAssignment(
             target_labels=torch.as_tensor(result.target_labels).long(),
@@ -179,39 +350,81 @@ class AIVAClusteringHandler:
 
     # -- checkpointing ----------------------------------------------------------------------------
 
-    def state_dict(self) -> dict:
-        if self.clustering is None:
-            return {"clustered_epoch": -1, "history": list(self.history)}
-        result = self.clustering
+    @staticmethod
+    def _result_state(result: SiteClustering, epoch: int) -> dict:
         state = {name: torch.as_tensor(np.asarray(getattr(result, name))) for name in _ARRAY_FIELDS}
         state.update(
-            clustered_epoch=int(self.clustered_epoch),
+            clustered_epoch=int(epoch),
             matched_cost=float(result.matched_cost),
             perplexity=float(result.perplexity),
             source_means=result.source_means.detach().cpu(),
             timings={k: float(v) for k, v in result.timings.items()},
-            history=list(self.history),
+            warm_started=bool(result.warm_started),
         )
         return state
 
-    def load_state_dict(self, state: dict) -> None:
-        self.history = list(state.get("history", []))
-        if state["clustered_epoch"] < 0:
-            self.clustering, self.clustered_epoch = None, None
-            return
+    def _result_from_state(self, state: dict) -> SiteClustering:
         arrays = {name: torch.as_tensor(state[name]).numpy() for name in _ARRAY_FIELDS}
-        self.clustering = SiteClustering(
+        result = SiteClustering(
             **arrays,
             matched_cost=float(state["matched_cost"]),
             source_means=torch.as_tensor(state["source_means"]).float(),
             perplexity=float(state["perplexity"]),
             timings=dict(state["timings"]),
+            warm_started=bool(state.get("warm_started", False)),
         )
-        if self.clustering.n_clusters != self.n_clusters:
-            raise ValueError(
-                f"checkpoint holds {self.clustering.n_clusters} clusters, the handler is set up for {self.n_clusters}."
-            )
+        if result.n_clusters != self.n_clusters:
+            raise ValueError(f"checkpoint holds {result.n_clusters} clusters, the handler is set up for {self.n_clusters}.")
+        return result
+
+    def state_dict(self) -> dict:
+        """The current clustering (and, with ``overlap``, the next one: a round in flight is waited for)."""
+        self._collect()
+        if self.clustering is None:
+            return {"clustered_epoch": -1, "history": list(self.history)}
+        state = self._result_state(self.clustering, self.clustered_epoch)
+        state["history"] = list(self.history)
+        if self.pending is not None:
+            state["pending"] = self._result_state(self.pending, self.pending_epoch)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = list(state.get("history", []))
+        self._reported = len(self.history)
+        self.pending, self.pending_epoch = None, None
+        if state["clustered_epoch"] < 0:
+            self.clustering, self.clustered_epoch = None, None
+            return
+        self.clustering = self._result_from_state(state)
         self.clustered_epoch = int(state["clustered_epoch"])
+        if "pending" in state:
+            self.pending = self._result_from_state(state["pending"])
+            self.pending_epoch = int(state["pending"]["clustered_epoch"])
+
+
+def _background_init(parent: int) -> None:
+    """Initialiser of the background clustering process: one torch thread (the clustering's own threads
+    are ``settings.n_jobs``), and exit as soon as the training process is gone, even when it was killed
+    with SIGKILL (no orphan left holding its output pipes)."""
+    torch.set_num_threads(1)
+    try:  # Linux: the kernel sends SIGKILL when the parent dies
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    import os
+    import threading
+
+    def watch() -> None:  # elsewhere (and as a fallback): poll for the parent
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="aiva-parent-watch").start()
 
 
 class SaverState:

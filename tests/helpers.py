@@ -25,7 +25,7 @@ def synthetic_site(n, size=16, contrast=1.0, seed=0):
 
 
 def make_trainer(source, target, *, max_epochs=2, epoch_length=3, n_clusters=3, seed=0, interval=1, channels=(4, 8, 16),
-                 calibration_iterations=2, tsne_method="sklearn", batch_size=4, lr=1e-2, network=None):
+                 calibration_iterations=2, tsne_method="sklearn", batch_size=4, lr=1e-2, network=None, handler_options=None):
     """An AIVATrainer with its clustering handler, fully seeded."""
     torch.manual_seed(seed)
     network = network or PreActResUNet(channels=channels, blocks_per_level=1)
@@ -42,7 +42,8 @@ def make_trainer(source, target, *, max_epochs=2, epoch_length=3, n_clusters=3, 
         decollate=False,
     )
     handler = AIVAClusteringHandler(
-        source, target, n_clusters=n_clusters, interval=interval, batch_size=8, tsne_method=tsne_method, seed=seed, progress=False
+        source, target, n_clusters=n_clusters, interval=interval, batch_size=8, tsne_method=tsne_method, seed=seed, progress=False,
+        **(handler_options or {}),
     )
     handler.attach(trainer)
     return trainer, handler

@@ -137,3 +137,196 @@ def test_cluster_mean_accumulator():
     empty.update(torch.from_numpy(features), labels)
     with pytest.raises(ValueError, match=r"source clusters \[3\] received no sample"):
         empty.means()
+
+
+# -- settings ---------------------------------------------------------------------------------------------
+
+def test_settings_are_one_frozen_object_built_from_a_bundle_dict():
+    import dataclasses
+
+    from aiva_monai.clustering import ClusteringSettings
+
+    options = {"pca_components": 20, "sketch_dim": 1024, "tsne_method": "sklearn", "perplexity": 30.0, "batch_size": 16}
+    settings = ClusteringSettings.coerce(options, seed=3, n_jobs=None)  # None: not given
+    assert (settings.tsne_method, settings.batch_size, settings.seed, settings.n_jobs) == ("sklearn", 16, 3, -1)
+    assert ClusteringSettings.coerce(settings) is settings and ClusteringSettings.coerce(None) == ClusteringSettings()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.seed = 4
+    assert settings.replace(seed=4).seed == 4 and settings.seed == 3
+    assert hash(settings) == hash(ClusteringSettings.coerce(options, seed=3))
+    with pytest.raises(ValueError, match=r"unknown clustering setting\(s\) \['tsne_iterations'\]"):
+        ClusteringSettings.coerce({"tsne_iterations": 3})
+    with pytest.raises(ValueError, match="unknown tsne_method 'umap'"):
+        ClusteringSettings(tsne_method="umap")
+    with pytest.raises(ValueError, match="slice_position"):
+        ClusteringSettings(slice_position=-1)
+    with pytest.raises(TypeError):
+        ClusteringSettings.coerce(3)
+
+
+# -- the feature store (source means without a second pass) ---------------------------------------------
+
+@pytest.mark.parametrize("memory_mb", [64.0, 0.0, 0.005])  # all in memory, all in the file, split
+def test_feature_store_sums_equal_direct_means(memory_mb):
+    from aiva_monai.clustering import FeatureStore
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(37, 4, 5, 6)).astype(np.float32) * rng.uniform(0.1, 1e5, size=(37, 1, 1, 1)).astype(np.float32)
+    labels = rng.integers(0, 3, 37)
+    exact = FeatureStore(37, 120, "float32", memory_mb)
+    half = FeatureStore(37, 120, "float16", memory_mb)
+    assert (exact.rows_on_disk > 0) == (half.rows_on_disk > 0) == (memory_mb < 64)
+    for begin in range(0, 37, 8):
+        exact.write(begin, torch.from_numpy(features[begin : begin + 8]))
+        half.write(begin, torch.from_numpy(features[begin : begin + 8]))
+    direct = ClusterMeanAccumulator(3, 120)
+    direct.update(torch.from_numpy(features), labels)
+    assert torch.equal(exact.cluster_sums(labels, 3).means(), direct.means())  # float32: exact, same order
+    flat = features.reshape(37, -1)
+    np.testing.assert_array_equal(exact.read(5, 30), flat[5:30])
+    # float16 with one scale per row: every value within 2^-11 of its row's largest value, no overflow
+    # (values up to 1e5 exceed float16's 65504)
+    error = np.abs(half.read(0, 37) - flat) / np.abs(flat).max(axis=1, keepdims=True)
+    assert np.isfinite(half.read(0, 37)).all() and error.max() <= 2.0**-11
+    torch.testing.assert_close(half.cluster_sums(labels, 3).means(), direct.means(), rtol=1e-3, atol=1e-3 * float(np.abs(flat).max()))
+    exact.close(), half.close()
+
+
+def test_feature_store_sums_only_the_rows_written_here():
+    from aiva_monai.clustering import FeatureStore
+
+    rng = np.random.default_rng(1)
+    features, labels = rng.normal(size=(20, 6)).astype(np.float32), rng.integers(0, 2, 20)
+    store = FeatureStore(20, 6, "float32", memory_mb=0.0)
+    for begin in (0, 8, 16):  # one rank of two with batches of 4 writes batches 0, 2, 4
+        store.write(begin, torch.from_numpy(features[begin : begin + 4]))
+    sums = store.cluster_sums(labels, 2)
+    rows = np.r_[0:4, 8:12, 16:20]
+    for cluster in range(2):
+        chosen = rows[labels[rows] == cluster]
+        np.testing.assert_allclose(sums.sums[cluster].numpy(), features[chosen].astype(np.float64).sum(0), rtol=1e-12)
+        assert float(sums.counts[cluster]) == len(chosen)
+    with pytest.raises(ValueError, match="were not all written"):
+        store.read(3, 6)
+    with pytest.raises(IndexError):
+        store.write(18, torch.from_numpy(features[:4]))
+
+
+# -- slice position and the t-SNE input -------------------------------------------------------------------
+
+def test_slice_positions_and_the_weighted_position_column():
+    from aiva_monai.clustering import slice_positions, tsne_input
+
+    class Volumes:
+        slice_counts = np.array([3, 1, 5])
+
+    np.testing.assert_allclose(slice_positions(Volumes()), [0, 0.5, 1, 0, 0, 0.25, 0.5, 0.75, 1])
+    with pytest.raises(ValueError, match="slice_counts"):
+        slice_positions([1, 2])
+    scores = np.array([[1.0, 0.0], [-1.0, 2.0], [0.0, -2.0]])
+    positions = np.array([0.0, 0.5, 1.0])
+    assert tsne_input(scores, positions, 0.0) is scores
+    total_std = np.sqrt(scores.var(axis=0).sum())  # sqrt(2/3 + 8/3)
+    np.testing.assert_allclose(tsne_input(scores, positions, 2.0), np.column_stack([scores, 2.0 * total_std * positions]))
+    with pytest.raises(ValueError, match="positions"):
+        tsne_input(scores, None, 1.0)
+
+
+def test_slice_position_makes_the_clusters_follow_the_position():
+    # features: noise only; positions: two groups (top and bottom of the volumes). With a weight the
+    # clusters split by position, without one they do not
+    from aiva_monai.clustering import cluster_sketches
+
+    rng = np.random.default_rng(0)
+    source, target = rng.normal(size=(60, 40)).astype(np.float32), rng.normal(size=(60, 40)).astype(np.float32)
+    source_positions = np.r_[rng.uniform(0, 0.2, 30), rng.uniform(0.8, 1, 30)]
+    target_positions = rng.permutation(source_positions)
+    kwargs = dict(source_positions=source_positions, target_positions=target_positions, tsne_method="sklearn", seed=0)
+    weighted = cluster_sketches(source, target, 2, slice_position=3.0, **kwargs)
+    plain = cluster_sketches(source, target, 2, **kwargs)
+    assert adjusted_rand_score(source_positions > 0.5, weighted.source_labels) == pytest.approx(1.0)
+    assert adjusted_rand_score(target_positions > 0.5, weighted.target_labels) == pytest.approx(1.0)
+    # matched clusters hold the same end of the volumes
+    for cluster in range(2):
+        source_side = source_positions[weighted.source_labels == weighted.match[cluster]].mean() > 0.5
+        assert source_side == (target_positions[weighted.target_labels == cluster].mean() > 0.5)
+    assert adjusted_rand_score(source_positions > 0.5, plain.source_labels) < 0.3
+    with pytest.raises(ValueError, match="source_positions and target_positions"):
+        cluster_sketches(source, target, 2, slice_position=1.0, tsne_method="sklearn")
+
+
+# -- target k-means initialised from the source centres ---------------------------------------------------
+
+def test_target_kmeans_initialised_from_the_source_centres():
+    from sklearn.cluster import KMeans
+
+    from aiva_monai.clustering import ClusteringSettings, kmeans_sites
+
+    rng = np.random.default_rng(0)
+    centres = rng.uniform(-20, 20, size=(6, 2))
+    source = np.repeat(centres, 30, axis=0) + rng.normal(size=(180, 2))
+    target = np.repeat(centres + 1.5, 30, axis=0) + rng.normal(size=(180, 2))  # the same modes, moved a little
+    target = target[rng.permutation(180)]  # in another order
+    settings = ClusteringSettings(seed=0)
+    source_fit, from_source = kmeans_sites(source, target, 6, settings.replace(target_init_from_source=True))
+    reference = KMeans(6, init=source_fit.cluster_centers_, n_init=1, random_state=0).fit(target)
+    np.testing.assert_array_equal(from_source.labels_, reference.labels_)
+    assert from_source.n_iter_ >= 1 and not np.allclose(from_source.cluster_centers_, source_fit.cluster_centers_)
+    # initialised from the source, target cluster i grows from source cluster i: the matching is the identity
+    from aiva_monai.alignment import match_clusters
+
+    np.testing.assert_array_equal(match_clusters(source_fit.cluster_centers_, from_source.cluster_centers_), np.arange(6))
+    _, plus_plus = kmeans_sites(source, target, 6, settings)  # k-means++ numbers the clusters its own way
+    assert not np.array_equal(match_clusters(source_fit.cluster_centers_, plus_plus.cluster_centers_), np.arange(6))
+    assert adjusted_rand_score(plus_plus.labels_, from_source.labels_) == pytest.approx(1.0)  # same partition here
+
+
+# -- the cheaper t-SNE round ------------------------------------------------------------------------------
+
+def test_shorter_tsne_gives_the_same_clusters_and_matches_as_opentsne_defaults_on_planted_modes():
+    k = 6
+    source, target, source_modes, target_modes = planted_sites(k, per_mode=40, n_features=2048, seed=4)
+    default = cluster_sites(source, target, n_clusters=k, seed=0, tsne_iter=500)  # openTSNE's own schedule
+    short = cluster_sites(source, target, n_clusters=k, seed=0)  # tsne_iter=250
+    for result in (default, short):
+        assert adjusted_rand_score(source_modes, result.source_labels) == pytest.approx(1.0)
+        assert adjusted_rand_score(target_modes, result.target_labels) == pytest.approx(1.0)
+    mode_match = []
+    for result in (default, short):
+        source_mode_of = majority(result.source_labels, source_modes, k)
+        target_mode_of = majority(result.target_labels, target_modes, k)
+        mode_match.append({int(target_mode_of[i]): int(source_mode_of[result.match[i]]) for i in range(k)})
+    assert mode_match[0] == mode_match[1] == {m: m for m in range(k)}
+
+
+def test_tsne_warm_start_starts_from_the_previous_embedding():
+    from aiva_monai.clustering import cluster_sketches
+
+    k = 4
+    source, target, source_modes, target_modes = planted_sites(k, per_mode=30, n_features=512, seed=5)
+    source, target = source.reshape(len(source), -1), target.reshape(len(target), -1)
+    first = cluster_sketches(source, target, k, seed=0)
+    previous = first.embedding + 1000.0  # a layout no fresh t-SNE would produce
+    frozen = cluster_sketches(source, target, k, seed=0, tsne_warm_start=True, tsne_warm_iter=0, init_embedding=previous)
+    assert frozen.warm_started
+    np.testing.assert_allclose(frozen.embedding, previous)  # 0 iterations: exactly the initial layout
+    moved = source + 0.05 * np.random.default_rng(0).normal(size=source.shape).astype(np.float32)
+    warm = cluster_sketches(moved, target, k, seed=0, tsne_warm_start=True, init_embedding=first.embedding)
+    assert warm.warm_started
+    assert adjusted_rand_score(source_modes, warm.source_labels) == pytest.approx(1.0)
+    assert adjusted_rand_score(target_modes, warm.target_labels) == pytest.approx(1.0)
+    np.testing.assert_array_equal(warm.match, first.match)  # clusters keep their layout, so their numbering
+    cold = cluster_sketches(source, target, k, seed=0, tsne_warm_start=True, init_embedding=previous[:-1])
+    assert not cold.warm_started  # another set of slices: a full t-SNE
+
+
+def test_cluster_sketches_reports_progress_of_every_stage():
+    from aiva_monai.clustering import cluster_sketches
+
+    source, target, _, _ = planted_sites(3, per_mode=20, n_features=256, seed=6)
+    calls = []
+    cluster_sketches(source.reshape(60, -1), target.reshape(60, -1), 3, seed=0, tsne_exaggeration_iter=50, tsne_iter=100,
+                     progress=lambda stage, done, total: calls.append((stage, done, total)))
+    assert [c[0] for c in calls if c[1] == 0] == ["pca", "tsne", "kmeans"]
+    tsne = [done for stage, done, total in calls if stage == "tsne" and done > 0]
+    assert tsne == list(range(25, 151, 25)) and all(total == 150 for stage, _, total in calls if stage == "tsne")

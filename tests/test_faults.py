@@ -54,7 +54,7 @@ def bundle_command(config_files, overrides):
     return command
 
 
-def adapt(folder, common, output, kill_at=None):
+def adapt(folder, common, output, kill_at=None, extra=None):
     """The adaptation command in a fresh process; ``kill_at`` = an ignite event filter expression after
     which the process SIGKILLs itself (no clean-up, like a lost node)."""
     configs = [CONFIGS / "train.json"]
@@ -66,7 +66,9 @@ def adapt(folder, common, output, kill_at=None):
         }
         (output.parent / "kill.json").write_text(json.dumps(overlay))
         configs.append(output.parent / "kill.json")
-    done = subprocess.run(bundle_command(configs, {**common, **ADAPT, "output_dir": str(output)}), capture_output=True, encoding="utf-8", errors="replace")
+    overrides = {**common, **ADAPT, **(extra or {}), "output_dir": str(output)}
+    # a timeout: a process left behind holding the output pipes (an orphaned worker) fails instead of hanging
+    done = subprocess.run(bundle_command(configs, overrides), capture_output=True, encoding="utf-8", errors="replace", timeout=1200)
     return done
 
 
@@ -114,8 +116,54 @@ def test_killed_adaptation_resumes_and_ends_like_an_uninterrupted_run(source_mod
         assert torch.equal(best[key], value), f"best model.pt differs at {key}"
     assert state["loss"]["_extra_state"]["lambda_value"] == reference["loss"]["_extra_state"]["lambda_value"] is not None
     assert state["trainer"]["target_samples"] == reference["trainer"]["target_samples"] == 8 * 4
-    assert state["savers"] == reference["savers"] and "best_model/key_metric" in state["savers"]
+    assert state["savers"] == reference["savers"]
+    # the label-free selection's table of candidates travels with the checkpoint and resumes identically
+    assert [r["epoch"] for r in reference["selection"]["records"]] == [1, 2, 3, 4]
+    assert state["selection"]["records"] == reference["selection"]["records"]
     for key in ("source_labels", "target_labels", "match", "source_means"):
         np.testing.assert_array_equal(np.asarray(state["clustering"][key]), np.asarray(reference["clustering"][key]))
     strip = lambda history: [{k: v for k, v in h.items() if not k.startswith("time_")} for h in history]  # noqa: E731
     assert strip(state["clustering"]["history"]) == strip(reference["clustering"]["history"])
+
+
+# overlap: re-clustering every epoch; the round embedded at the start of epoch e is computed in a background
+# process and used from epoch e + 1, so a checkpoint must carry the round in flight
+OVERLAP = {"cluster_every": 2, "cluster_options#overlap": True}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_overlap(source_model):
+    folder, common = source_model
+    output = folder / "uninterrupted_overlap"
+    done = adapt(folder, common, output, extra=OVERLAP)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "run in a background process, used from epoch 3" in done.stderr + done.stdout
+    return final_state(output)
+
+
+@pytest.mark.parametrize(
+    "kill_at, resumed_from",
+    [
+        ("ignite.engine.Events.EPOCH_COMPLETED(once=2)", "checkpoint_epoch=2.pt"),  # a round in flight at the checkpoint
+        ("ignite.engine.Events.ITERATION_COMPLETED(once=5)", "checkpoint_epoch=2.pt"),  # killed after launching epoch 3's round
+    ],
+)
+def test_killed_overlapping_adaptation_resumes_exactly(source_model, uninterrupted_overlap, tmp_path, kill_at, resumed_from):
+    folder, common = source_model
+    (tmp_path / "run").mkdir()
+    output = tmp_path / "run" / "adapt"
+    killed = adapt(folder, common, output, kill_at=kill_at, extra=OVERLAP)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert [p.name for p in (output / "checkpoints").glob("checkpoint*.pt")] == [resumed_from]
+    restarted = adapt(folder, common, output, extra=OVERLAP)
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    name, state, best = final_state(output)
+    reference_name, reference, reference_best = uninterrupted_overlap
+    assert name == reference_name == "checkpoint_epoch=4.pt"
+    for key, value in reference["model"].items():
+        assert torch.equal(state["model"][key], value), key
+    for key in ("source_labels", "target_labels", "match", "source_means"):
+        np.testing.assert_array_equal(np.asarray(state["clustering"][key]), np.asarray(reference["clustering"][key]))
+    strip = lambda history: [{k: v for k, v in h.items() if not k.startswith("time_")} for h in history]  # noqa: E731
+    assert strip(state["clustering"]["history"]) == strip(reference["clustering"]["history"])
+    assert [h["epoch"] for h in reference["clustering"]["history"]] == [1, 2, 3]

@@ -1,3 +1,4 @@
+import copy
 import glob
 
 import numpy as np
@@ -35,11 +36,13 @@ def test_handler_interval(sites):
 
 def test_handler_embedding_pass_is_eval_mode_and_restores_training(sites):
     trainer, handler = make_trainer(*sites, max_epochs=1, epoch_length=1)
-    modes = []
-    trainer.network.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    modes, decoder_calls = [], []
+    trainer.network.bottleneck.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    trainer.network.head.register_forward_pre_hook(lambda module, args: decoder_calls.append(1))
     trainer.network.train()
     handler.run_clustering(trainer)
-    assert modes and not any(modes)  # 30 + 30 + 30 slices embedded, all in eval mode
+    # one pass (30 source + 30 target slices in batches of 8: 4 + 4 batches), encoder only, all in eval mode
+    assert len(modes) == 8 and not any(modes) and not decoder_calls
     assert trainer.network.training
 
 
@@ -90,3 +93,85 @@ def test_attach_rejects_too_few_slices(sites):
     source, target = sites
     with pytest.raises(ValueError, match="the target dataset has 2 slices, fewer than n_clusters=3"):
         make_trainer(source, target[:2])
+
+
+def test_handler_settings_object_and_the_former_keywords(sites):
+    from aiva_monai.clustering import ClusteringSettings
+    from aiva_monai.handlers import AIVAClusteringHandler
+
+    handler = AIVAClusteringHandler(*sites, n_clusters=3, settings={"perplexity": 5.0, "tsne_method": "opentsne", "batch_size": 4},
+                                    tsne_method="sklearn", seed=9)
+    assert isinstance(handler.settings, ClusteringSettings)
+    assert (handler.settings.perplexity, handler.settings.tsne_method, handler.settings.seed, handler.batch_size) == (5.0, "sklearn", 9, 4)
+    with pytest.raises(ValueError, match="unknown clustering setting"):
+        AIVAClusteringHandler(*sites, settings={"tsne": "x"})
+    with pytest.raises(ValueError, match="slice_counts"):  # fails at construction, not at the first round
+        AIVAClusteringHandler(*sites, settings={"slice_position": 1.0})
+
+
+def test_round_times_go_to_the_metrics_and_the_stats_file(sites, tmp_path):
+    import csv
+
+    stats = tmp_path / "clustering_stats.csv"
+    trainer, handler = make_trainer(*sites, max_epochs=3, epoch_length=1, interval=2, handler_options={"stats_file": str(stats)})
+    seen = {}
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: seen.setdefault(e.state.epoch, dict(e.state.metrics)))
+    trainer.run()
+    assert set(seen[1]) >= {"aiva_time_embed", "aiva_time_tsne", "aiva_time_means", "aiva_round_seconds"}
+    assert not any(key.startswith("aiva_") for key in seen[2])  # no round in epoch 2
+    assert seen[3]["aiva_time_embed"] == handler.history[1]["time_embed"]
+    rows = list(csv.DictReader(stats.open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 3] and float(rows[1]["time_tsne"]) == handler.history[1]["time_tsne"]
+
+
+def overlap_run(sites, epochs=4):
+    trainer, handler = make_trainer(*sites, max_epochs=epochs, epoch_length=2, handler_options={"settings": {"overlap": True}})
+    used, weights = [], {}
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: used.append(e.state.aiva_assignment.epoch))
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: weights.setdefault(e.state.epoch, copy.deepcopy(e.network.state_dict())))
+    clusterings = {}
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: clusterings.setdefault(e.state.epoch, handler.clustering))
+    trainer.run()
+    return trainer, handler, used, weights, clusterings
+
+
+def test_overlap_trains_one_round_behind_and_is_deterministic(sites):
+    from aiva_monai.embedding import embed_and_cluster
+    from aiva_monai.networks import BottleneckTap, PreActResUNet
+
+    trainer, handler, used, weights, clusterings = overlap_run(sites)
+    # epoch 1 clusters synchronously; the round embedded at the start of epoch e is used from epoch e + 1;
+    # nothing is launched at the last epoch (no epoch would use it)
+    assert used == [1, 1, 1, 1, 2, 2, 3, 3]
+    assert [h["epoch"] for h in handler.history] == [1, 2, 3]
+    assert handler._executor is None  # shut down at the end of the run
+    # the background round equals the synchronous round on the same weights
+    network = PreActResUNet(channels=(4, 8, 16), blocks_per_level=1)
+    network.load_state_dict(weights[2])
+    with BottleneckTap(network) as tap:
+        synchronous = embed_and_cluster(network, tap, *sites, 3, handler.settings.replace(overlap=False), progress=False)
+    background = clusterings[3]
+    for name in ("source_labels", "target_labels", "embedding", "match"):
+        np.testing.assert_array_equal(getattr(background, name), getattr(synchronous, name))
+    assert torch.equal(background.source_means, synchronous.source_means)
+    # and the whole run is reproducible
+    again = overlap_run(sites)
+    assert again[2] == used
+    for key, value in trainer.network.state_dict().items():
+        assert torch.equal(again[0].network.state_dict()[key], value), key
+
+
+def test_overlap_state_dict_waits_for_the_round_in_flight(sites):
+    from aiva_monai.handlers import AIVAClusteringHandler
+
+    trainer, handler = make_trainer(*sites, max_epochs=3, epoch_length=1, handler_options={"settings": {"overlap": True}})
+    states = {}
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: states.setdefault(e.state.epoch, handler.state_dict()))
+    trainer.run()
+    assert "pending" not in states[1] and states[2]["pending"]["clustered_epoch"] == 2 and states[2]["clustered_epoch"] == 1
+    fresh = AIVAClusteringHandler(*sites, n_clusters=3, settings={"overlap": True, "tsne_method": "sklearn", "batch_size": 8})
+    fresh.load_state_dict(states[2])
+    assert fresh.pending_epoch == 2 and fresh.clustered_epoch == 1
+    assert handler.clustered_epoch == 2  # promoted at epoch 3, the last (nothing launched there)
+    np.testing.assert_array_equal(fresh.pending.target_labels, handler.clustering.target_labels)
+    assert torch.equal(fresh.pending.source_means, handler.clustering.source_means)

@@ -1,0 +1,347 @@
+"""One AIVA clustering round at the brain bundle's real geometry on IXI-HH: today's round vs the new one.
+
+Side by side in one process, on the same slices and the same network (the shipped IXI-HH source model,
+``bundles/aiva_brain/models/model.pt``), with the bundle's preprocessing (2 mm, 128 x 128 sagittal slices):
+
+1. embedding speed: the full forward (what the round ran before issue 14) vs the encoder only
+   (``networks.encode``), plain and channels-last, interleaved on the same batches; ms per slice;
+2. one round each way (``embed_and_cluster``), seconds per stage, peak extra memory, and the longest
+   silence between two log lines:
+   - "today": full network, source means by a second pass, openTSNE's default schedule (250 + 500
+     iterations) = ``encoder_only=False, channels_last=False, source_means="second_pass", tsne_iter=500``;
+   - "new": the defaults of ``ClusteringSettings`` (encoder only, channels-last, one pass with a float16
+     feature store, 250 + 250 t-SNE iterations);
+   and how well they agree: adjusted Rand index of the target clusters and of the source clusters, and
+   whether matched clusters correspond (each new cluster mapped to the today cluster holding most of its
+   slices);
+3. planted structure (12 modes, a shifted and rescaled target): the clusters and mode-to-mode matches of
+   both t-SNE schedules (and of a warm-started round on moved features);
+4. warm start on IXI features (``--warm-steps`` > 0): the network is moved by that many AIVA steps, then
+   the new round's t-SNE from scratch vs warm-started from the first round's embedding, same sketches.
+
+    OMP_NUM_THREADS=1 python benchmarks/clustering_round.py                  # 80 + 15 subjects, 1 thread
+    python benchmarks/clustering_round.py --source-subjects 20 --target-subjects 5 --warm-steps 0   # quick
+    python benchmarks/clustering_round.py --device cuda --threads 16 --tsne-jobs 16                # a GPU
+
+Prints markdown tables; ``--json`` also writes every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPOSITORY))
+
+TODAY = dict(encoder_only=False, channels_last=False, source_means="second_pass", tsne_iter=500)
+
+
+class Silences(logging.Handler):
+    """Records when each log line was written; ``longest(since)`` is the longest gap between lines."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.times = []
+
+    def emit(self, record):
+        self.times.append(time.perf_counter())
+
+    def longest(self, start: float, end: float) -> float:
+        marks = [start] + [t for t in self.times if start <= t <= end] + [end]
+        return max(b - a for a, b in zip(marks, marks[1:]))
+
+
+class PeakMemory:
+    """Peak resident memory (MB) above the level at entry, sampled every 50 ms."""
+
+    def __enter__(self):
+        self.base = self.peak = self._rss()
+        self.running = True
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+        return self
+
+    @staticmethod
+    def _rss() -> float:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def _watch(self):
+        while self.running:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.05)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.extra_mb = self.peak - self.base
+
+
+def datasets(args):
+    from aiva_monai.bundle import entries
+    from aiva_monai.data import SliceDataset, volume_transforms
+
+    datalist = REPOSITORY / "bundles" / "aiva_brain" / "configs" / "datalist_ixi_hh.json"
+    preprocessing = volume_transforms(pixdim=[2.0, 2.0, 2.0], in_plane_size=[128, 128], slice_axis=0)
+    source = SliceDataset(entries(datalist, "training", "ixi_hh", args.data)[: args.source_subjects], preprocessing,
+                          slice_axis=0, progress=False)
+    target = SliceDataset(entries(datalist, "training", "ixi_hh_simulated_strong", args.data, labels=False)[: args.target_subjects],
+                          preprocessing, keys=("image",), slice_axis=0, progress=False)
+    return source, target
+
+
+def embedding_speed(network, source, device, batch: int, slices: int, repeats: int) -> dict:
+    import torch
+
+    from aiva_monai.networks import BottleneckTap, encode
+
+    images = torch.stack([source[i]["image"] for i in range(min(slices, len(source)))]).to(device)
+    tap = BottleneckTap(network)
+    ways = {
+        "full forward (today)": lambda x: (network(x), tap.features)[1],
+        "encoder only": lambda x: encode(network, x),
+        "encoder only, channels-last": lambda x: encode(network, x, channels_last=True),
+    }
+    times = {name: [] for name in ways}
+    network.eval()
+    with torch.no_grad():
+        for name, way in ways.items():  # warm-up
+            way(images[:batch])
+        for _ in range(repeats):
+            for name, way in ways.items():  # interleaved: the same load on all three
+                sync(device)
+                start = time.perf_counter()
+                for begin in range(0, len(images), batch):
+                    way(images[begin : begin + batch])
+                sync(device)
+                times[name].append((time.perf_counter() - start) / len(images))
+    tap.remove()
+    return {name: 1000 * sorted(values)[len(values) // 2] for name, values in times.items()}
+
+
+def sync(device):
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def one_round(name, network, source, target, settings, device, silences, amp):
+    from aiva_monai.embedding import embed_and_cluster
+    from aiva_monai.networks import BottleneckTap
+
+    print(f"\n-- round: {name} --", flush=True)
+    with BottleneckTap(network) as tap, PeakMemory() as memory:
+        start = time.perf_counter()
+        result = embed_and_cluster(network, tap, source, target, 12, settings, device=device, amp=amp, progress=False,
+                                   label=f"[{name}] ")
+        end = time.perf_counter()
+    return result, {"wall": end - start, "extra_mb": memory.extra_mb, "longest_silence": silences.longest(start, end)}
+
+
+def correspondence(new_labels, old_labels, k):
+    import numpy as np
+
+    return np.array([np.bincount(old_labels[new_labels == c], minlength=k).argmax() if (new_labels == c).any() else -1 for c in range(k)])
+
+
+def agreement(new, old, k=12) -> dict:
+    from sklearn.metrics import adjusted_rand_score
+
+    target_map = correspondence(new.target_labels, old.target_labels, k)
+    source_map = correspondence(new.source_labels, old.source_labels, k)
+    same = sum(int(old.match[target_map[i]] == source_map[new.match[i]]) for i in range(k))
+    return {"ari_target": adjusted_rand_score(old.target_labels, new.target_labels),
+            "ari_source": adjusted_rand_score(old.source_labels, new.source_labels), "matches_agreeing": same}
+
+
+def planted(settings_today, settings_new, seed: int = 0) -> list[dict]:
+    import numpy as np
+    from sklearn.metrics import adjusted_rand_score
+
+    from aiva_monai.clustering import cluster_sites
+
+    rng = np.random.default_rng(seed)
+    k, per_mode, n_features = 12, 100, 4096
+    modes = rng.normal(size=(k, n_features))
+    source_modes = np.repeat(np.arange(k), per_mode)
+    target_modes = rng.permutation(source_modes)
+    source = (modes[source_modes] + rng.normal(size=(k * per_mode, n_features))).astype(np.float32)
+    target = (1.3 * (modes[target_modes] + rng.normal(size=(k * per_mode, n_features))) + 0.3 * rng.normal(size=n_features)).astype(np.float32)
+    rows = []
+    results = {}
+
+    def mode_matches(result):
+        source_of = correspondence(result.source_labels, source_modes, k)
+        target_of = correspondence(result.target_labels, target_modes, k)
+        return {int(target_of[i]): int(source_of[result.match[i]]) for i in range(k)}
+
+    for name, settings, features in (("today", settings_today, source), ("new", settings_new, source)):
+        start = time.perf_counter()
+        results[name] = cluster_sites(features, target, k, settings)
+        rows.append({"round": name, "seconds": time.perf_counter() - start,
+                     "ari_source_vs_truth": adjusted_rand_score(source_modes, results[name].source_labels),
+                     "ari_target_vs_truth": adjusted_rand_score(target_modes, results[name].target_labels),
+                     "mode_matches": mode_matches(results[name])})
+    moved = source + 0.3 * rng.normal(size=source.shape).astype(np.float32)  # the features after some training
+    start = time.perf_counter()
+    from aiva_monai.clustering import FeatureProjector, cluster_sketches
+    import torch
+
+    projector = FeatureProjector(n_features, settings_new.sketch_dim, settings_new.seed)
+    sketch = lambda x: projector(torch.from_numpy(x)).numpy()  # noqa: E731
+    warm = cluster_sketches(sketch(moved), sketch(target), k, settings_new.replace(tsne_warm_start=True),
+                            init_embedding=results["new"].embedding)
+    rows.append({"round": "new, warm-started on moved features", "seconds": time.perf_counter() - start,
+                 "ari_source_vs_truth": adjusted_rand_score(source_modes, warm.source_labels),
+                 "ari_target_vs_truth": adjusted_rand_score(target_modes, warm.target_labels),
+                 "mode_matches": mode_matches(warm)})
+    for row in rows:
+        row["identical_matches"] = row["mode_matches"] == rows[0]["mode_matches"] == {m: m for m in range(k)}
+    return rows
+
+
+def move_network(network, source, target, result, steps: int, device):
+    """``steps`` AIVA steps (batch 8 + 8, Adam 1e-4, the bundle's defaults) with ``result``'s clusters."""
+    import torch
+    from monai.data import DataLoader
+
+    from aiva_monai.data import SeededEndlessSampler
+    from aiva_monai.engines import AIVATrainer, ClusterAssignment
+    from aiva_monai.losses import AIVALoss
+
+    trainer = AIVATrainer(
+        device=device, max_epochs=1, epoch_length=steps, network=network,
+        train_data_loader=DataLoader(source, batch_size=8, sampler=SeededEndlessSampler(source, seed=0)),
+        target_data_loader=DataLoader(target, batch_size=8, sampler=SeededEndlessSampler(target, seed=0)),
+        optimizer=torch.optim.Adam(network.parameters(), 1e-4), loss_function=AIVALoss(calibration_iterations=10),
+        decollate=False,
+    )
+    from ignite.engine import Events
+
+    assignment = ClusterAssignment(torch.as_tensor(result.target_labels), result.source_means.to(device), torch.as_tensor(result.match), 1)
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: setattr(e.state, "aiva_assignment", assignment))
+    start = time.perf_counter()
+    trainer.run()
+    trainer.bottleneck_tap.remove()
+    return time.perf_counter() - start
+
+
+def warm_start(network, source, target, first, settings, device) -> list[dict]:
+    from aiva_monai.embedding import cluster_embedded, embed_sites
+    from aiva_monai.networks import BottleneckTap
+
+    with BottleneckTap(network) as tap:
+        embedded = embed_sites(network, tap, source, target, settings, device=device)
+    rows, results = [], {}
+    try:
+        for name, init in (("from scratch", None), ("warm-started", first.embedding)):
+            start = time.perf_counter()
+            results[name] = cluster_embedded(embedded, 12, settings.replace(tsne_warm_start=init is not None), init_embedding=init)
+            rows.append({"t-SNE": name, "seconds": time.perf_counter() - start, **{f"{k}_s": v for k, v in results[name].timings.items()}})
+    finally:
+        embedded.close()
+    rows[1].update(agreement(results["warm-started"], results["from scratch"]))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=os.environ.get("AIVA_IXI_ROOT", str(REPOSITORY.parent / "shared" / "data" / "ixi_hh")))
+    parser.add_argument("--source-subjects", type=int, default=80)
+    parser.add_argument("--target-subjects", type=int, default=15)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", action="store_true", help="CUDA mixed precision for the embedding pass")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the issue's setting: 1)")
+    parser.add_argument("--tsne-jobs", type=int, default=1, help="openTSNE threads (n_jobs)")
+    parser.add_argument("--batch", type=int, default=32, help="embedding batch")
+    parser.add_argument("--speed-slices", type=int, default=512)
+    parser.add_argument("--speed-repeats", type=int, default=3)
+    parser.add_argument("--skip-today", action="store_true", help="only the new round (no comparison)")
+    parser.add_argument("--warm-steps", type=int, default=50, help="AIVA steps before the warm-start comparison (0: skip)")
+    parser.add_argument("--json", default=None, help="write every number here")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    for noisy in ("monai", "ignite", "py.warnings"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    silences = Silences()
+    logging.getLogger("aiva_monai").addHandler(silences)
+
+    from aiva_monai.clustering import ClusteringSettings
+    from aiva_monai.networks import PreActResUNet
+
+    load = os.getloadavg()
+    start = time.perf_counter()
+    source, target = datasets(args)
+    print(f"data: {len(source)} source slices ({args.source_subjects} subjects) + {len(target)} target slices "
+          f"({args.target_subjects} subjects, simulated scanner 'strong'), 128 x 128, cached in {time.perf_counter() - start:.0f} s")
+    network = PreActResUNet()
+    network.load_state_dict(torch.load(REPOSITORY / "bundles" / "aiva_brain" / "models" / "model.pt", map_location="cpu", weights_only=True))
+    network.to(args.device)
+    new = ClusteringSettings(batch_size=args.batch, n_jobs=args.tsne_jobs)
+    today = new.replace(**TODAY)
+    report = {"machine": f"{os.cpu_count()} CPUs, load average at start {load[0]:.1f}", "threads": args.threads,
+              "tsne_jobs": args.tsne_jobs, "device": args.device, "n_source": len(source), "n_target": len(target)}
+
+    speed = embedding_speed(network, source, args.device, args.batch, args.speed_slices, args.speed_repeats)
+    report["embedding_ms_per_slice"] = speed
+
+    rounds = {"new": one_round("new", network, source, target, new, args.device, silences, args.amp)}
+    if not args.skip_today:
+        rounds["today"] = one_round("today", network, source, target, today, args.device, silences, args.amp)
+    report["rounds"] = {name: {**{k: float(v) for k, v in r.timings.items()}, **info} for name, (r, info) in rounds.items()}
+    if "today" in rounds:
+        report["agreement"] = agreement(rounds["new"][0], rounds["today"][0])
+    report["planted"] = planted(today, new)
+    if args.warm_steps:
+        report["moved_by_steps"] = args.warm_steps
+        report["move_seconds"] = move_network(network, source, target, rounds["new"][0], args.warm_steps, args.device)
+        report["warm_start"] = warm_start(network, source, target, rounds["new"][0], new, args.device)
+    report["load_average_end"] = os.getloadavg()[0]
+
+    print(f"\n## IXI-HH, bundle geometry: {len(source)} + {len(target)} slices of 128 x 128; device {args.device}; "
+          f"{args.threads} torch thread(s), openTSNE n_jobs {args.tsne_jobs}; {report['machine']}, at the end {report['load_average_end']:.1f}\n")
+    full = speed["full forward (today)"]
+    print("| embedding pass | ms per slice | speed-up vs full forward |\n|---|---|---|")
+    for name, ms in speed.items():
+        print(f"| {name} | {ms:.1f} | {full / ms:.2f} x |")
+    stages = ["embed", "pca", "tsne", "kmeans", "match", "means"]
+    print("\n| round | " + " | ".join(f"{s} s" for s in stages) + " | total s | peak extra memory MB | longest log silence s |")
+    print("|---|" + "---|" * (len(stages) + 3))
+    for name, row in report["rounds"].items():
+        print(f"| {name} | " + " | ".join(f"{row.get(s, 0.0):.1f}" for s in stages)
+              + f" | {row['wall']:.1f} | {row['extra_mb']:.0f} | {row['longest_silence']:.1f} |")
+    if "today" in report["rounds"]:
+        a = report["agreement"]
+        print(f"\nnew vs today: {report['rounds']['today']['wall'] / report['rounds']['new']['wall']:.1f} x faster end to end; "
+              f"ARI target clusters {a['ari_target']:.3f}, source clusters {a['ari_source']:.3f}; "
+              f"matched pairs that correspond: {a['matches_agreeing']}/12")
+    print("\n| planted modes (12 x 100 per site, 4,096 features) | seconds | ARI source vs truth | ARI target vs truth | matches = true mode pairs |\n|---|---|---|---|---|")
+    for row in report["planted"]:
+        print(f"| {row['round']} | {row['seconds']:.1f} | {row['ari_source_vs_truth']:.3f} | {row['ari_target_vs_truth']:.3f} | {row['identical_matches']} |")
+    if args.warm_steps:
+        print(f"\nwarm start after {args.warm_steps} AIVA steps ({report['move_seconds']:.0f} s), same sketches:\n")
+        print("| t-SNE | clustering s (pca + tsne + kmeans + match) | tsne s | ARI target vs from scratch | ARI source | matched pairs that correspond |\n|---|---|---|---|---|---|")
+        for row in report["warm_start"]:
+            print(f"| {row['t-SNE']} | {row['seconds']:.1f} | {row['tsne_s']:.1f} | {row.get('ari_target', 1.0):.3f} | "
+                  f"{row.get('ari_source', 1.0):.3f} | {row.get('matches_agreeing', 12)}/12 |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
