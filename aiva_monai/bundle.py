@@ -173,16 +173,46 @@ def latest_checkpoint(folder) -> str | None:
     return str(max(found)[1]) if found else None
 
 
+SHIPPED_DEMO_SOURCE = "models/demo_source.pt"  # a bundle's pretrained demo source model, beside its record (.json)
+
+
+def shipped_demo_source(bundle_root, datalist_file, max_steps: int) -> Path | None:
+    """The bundle's shipped demo source model, if it was pretrained exactly as ``demo_source_model`` would
+    pretrain now: same synthetic data version (the datalist's ``demo_version``) and ``max_steps``; else None."""
+    model = Path(bundle_root) / SHIPPED_DEMO_SOURCE
+    record = model.with_suffix(".json")
+    if not (model.is_file() and record.is_file()):
+        return None
+    made = json.loads(record.read_text())
+    data = json.loads(Path(datalist_file).read_text())
+    if made.get("demo_version") != data.get("demo_version") or made.get("max_steps") != int(max_steps):
+        return None
+    return model
+
+
 def demo_source_model(bundle_root, model_path, datalist_file, max_steps: int = 300, **overrides) -> str:
-    """The demo's source model at ``model_path``: pretrain.json run once (``max_steps``, plus ``overrides``
-    such as ``target_site``) on the SYNTHETIC source site(s)."""
+    """The demo's source model at ``model_path``: a copy of the bundle's shipped demo source model when it
+    matches (``shipped_demo_source``; no overrides), else pretrain.json run once (``max_steps``, plus
+    ``overrides`` such as ``target_site``) on the SYNTHETIC source site(s)."""
     model = Path(model_path)
     if not model.is_file():
-        from monai.bundle import run
+        shipped = None if overrides else shipped_demo_source(bundle_root, datalist_file, max_steps)
+        if shipped is not None:
+            import shutil
 
-        logger.info(f"demo: pretraining a source model on the synthetic source site into {model.parent}")
-        run(config_file=str(Path(bundle_root) / "configs" / "pretrain.json"), output_dir=str(model.parent),
-            datalist=str(datalist_file), max_steps=int(max_steps), epoch_length=min(100, int(max_steps)), **overrides)
+            from aiva_monai.io import atomic_path
+
+            logger.info(f"demo: source model = {shipped} (pretrain.json on the synthetic source site, {max_steps} steps; "
+                        f"delete {model} and pass --demo_pretrain_steps N to pretrain one here)")
+            model.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(model) as temporary:
+                shutil.copyfile(shipped, temporary)
+        else:
+            from monai.bundle import run
+
+            logger.info(f"demo: pretraining a source model on the synthetic source site into {model.parent}")
+            run(config_file=str(Path(bundle_root) / "configs" / "pretrain.json"), output_dir=str(model.parent),
+                datalist=str(datalist_file), max_steps=int(max_steps), epoch_length=min(100, int(max_steps)), **overrides)
     if not model.is_file():
         raise RuntimeError(f"demo pretraining finished without writing {model}.")
     return str(model)

@@ -65,6 +65,8 @@ __all__ = [
     "BundleCellRunner",
     "run_matrix",
     "report_table",
+    "per_seed_table",
+    "selection_table",
     "write_report",
     "main",
 ]
@@ -640,6 +642,44 @@ def selection_table(records: Iterable[dict], metric: str) -> tuple[str, list[dic
     return "\n".join(lines), table_rows
 
 
+def per_seed_table(records: Iterable[dict], metric: str, k: int | None = DEFAULT_K, bar: str = "adabn") -> tuple[str, list[dict]]:
+    """``metric`` per seed (the mean over the target test volumes of every table row), so a reader sees whether
+    a method wins on every seed, not only on average: rows = seed, columns = the methods, then each trained
+    unsupervised method minus ``bar`` (AdaBN: the cheap alternative every adaptation must beat), in % points.
+
+    Returns (markdown, csv rows); empty without ``bar`` results."""
+    per = defaultdict(lambda: defaultdict(list))  # method -> seed -> [row means]
+    for record in records:
+        if record.get("status", "ok") != "ok":
+            continue
+        if record["method"] in AIVA_METHODS and k is not None and record.get("k") not in (None, k):
+            continue
+        value = _target_mean(record, metric)
+        if value is not None:
+            per[record["method"]][record["seed"]].append(value)
+    if bar not in per:
+        return "", []
+    methods = [m for m in METHOD_ORDER if m in per]
+    compared = [m for m in methods if m not in ("source", bar) and not reads_target_labels(m)]
+    seeds = sorted({s for m in methods for s in per[m]})
+    header = ["seed", *[f"{m}*" if reads_target_labels(m) else m for m in methods], *[f"{m} - {bar}" for m in compared]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    table_rows = []
+    for seed in seeds:
+        means = {m: 100 * float(np.mean(per[m][seed])) for m in methods if seed in per[m]}
+        row = {"seed": seed, **{m: round(v, 2) for m, v in means.items()}}
+        cells = [f"{means[m]:.2f}" if m in means else "-" for m in methods]
+        for m in compared:
+            if m in means and bar in means:
+                row[f"{m}_minus_{bar}"] = round(means[m] - means[bar], 2)
+                cells.append(f"{means[m] - means[bar]:+.2f}")
+            else:
+                cells.append("-")
+        lines.append("| " + " | ".join([str(seed), *cells]) + " |")
+        table_rows.append(row)
+    return "\n".join(lines), table_rows
+
+
 def _csv_row(row: str, methods: Sequence[str], values: Sequence[list[float]]) -> dict:
     out = {"target": row}
     for m, v in zip(methods, values):
@@ -682,6 +722,10 @@ def render_report(records: list[dict], metrics: Sequence[str] | None = None) -> 
         parts += [f"## {METRIC_TITLES.get(metric, metric)} (target test volumes, %)", "", markdown, ""]
     preset = PRESETS.get(records[0]["dataset"])
     primary = preset.metric if preset else metrics[0]
+    markdown, rows = per_seed_table(records, primary, k if ks else None)
+    if markdown:
+        tables[f"per_seed_{primary}"] = rows
+        parts += [f"## Per seed: target {METRIC_TITLES.get(primary, primary)} (%), and each method minus AdaBN", "", markdown, ""]
     markdown, rows = selection_table(records, primary)
     if markdown:
         tables[f"selection_{primary}"] = rows

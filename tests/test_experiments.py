@@ -20,6 +20,7 @@ from aiva_monai.data.cc359 import CC359_SITES
 from aiva_monai.data.prostate import make_prostate_demo
 from aiva_monai.experiments import (
     AIVA_METHODS,
+    per_seed_table,
     K_ABLATION_PAIRS,
     K_VALUES,
     METHOD_ORDER,
@@ -345,3 +346,24 @@ def test_bundle_cell_runner_builds_the_commands(tmp_path):
     assert overrides["source_site"] == "ixi_hh" and overrides["target_site"] == "ixi_hh_simulated_strong"
     assert overrides["source_checkpoint"].endswith("bundles/aiva_brain/models/model.pt") and overrides["datalist"].endswith("datalist_ixi_hh.json")
     assert "n_clusters" not in overrides
+
+
+def test_per_seed_table_shows_every_seed_and_the_margin_over_adabn():
+    records = [
+        _record("source", "C", 0, [0.5, 0.7]),
+        _record("source", "C", 1, [0.4, 0.6]),
+        _record("adabn", "C", 0, [0.6, 0.6]),
+        _record("adabn", "C", 1, [0.7, 0.7]),
+        _record("aiva", "C", 0, [0.7, 0.7], k=12),
+        _record("aiva", "C", 1, [0.6, 0.7], k=12),
+        _record("aiva", "C", 1, [0.0, 0.0], k=3),  # another k: left out
+        _record("oracle", "C", 0, [0.9, 0.9]),  # reads target labels: no margin column
+    ]
+    markdown, rows = per_seed_table(records, "dice", k=12)
+    assert markdown == textwrap.dedent("""\
+        | seed | oracle* | source | adabn | aiva | aiva - adabn |
+        |---|---|---|---|---|---|
+        | 0 | 90.00 | 60.00 | 60.00 | 70.00 | +10.00 |
+        | 1 | - | 50.00 | 70.00 | 65.00 | -5.00 |""")
+    assert rows[1] == {"seed": 1, "source": 50.0, "adabn": 70.0, "aiva": 65.0, "aiva_minus_adabn": -5.0}
+    assert per_seed_table([r for r in records if r["method"] != "adabn"], "dice") == ("", [])
