@@ -226,8 +226,37 @@ def demo_report(bundle_root, output_dir, datalist_file, **overrides) -> dict:
     configs = Path(bundle_root) / "configs"
     run(config_file=[str(configs / "train.json"), str(configs / "evaluate.json")], output_dir=str(output_dir), datalist=str(datalist_file), **overrides)
     summary = Path(output_dir) / "evaluation" / "summary.md"
+    headline = demo_headline(summary.parent / "evaluation.csv")
     print(f"\nSYNTHETIC demo finished: scores above, also in {summary}; figures in {summary.parent}.")
-    return {"summary": str(summary)}
+    if headline:
+        print(headline)
+    return {"summary": str(summary), "headline": headline}
+
+
+def demo_headline(evaluation_csv, metric: str = "dice") -> str:
+    """One line: the target test mean ``metric`` of the source model, AdaBN and the adapted model (the configured
+    rule's pick, the row whose name holds "adapted" and comes first), and the adapted model's margins over both."""
+    import csv
+
+    path = Path(evaluation_csv)
+    if not path.is_file():
+        return ""
+    scores: dict[str, list[float]] = {}
+    with path.open(encoding="utf-8", newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row.get("set") == "target test" and row.get(metric) not in (None, ""):
+                scores.setdefault(row["model"], []).append(float(row[metric]))
+    means = {model: 100 * sum(values) / len(values) for model, values in scores.items()}
+    adapted = next((model for model in means if model.startswith("adapted")), None)
+    if adapted is None or "source" not in means:
+        return ""
+    line = f"target test {metric}: source {means['source']:.2f}"
+    if "adabn" in means:
+        line += f", AdaBN {means['adabn']:.2f}"
+    line += f", {adapted} {means[adapted]:.2f} ({means[adapted] - means['source']:+.2f} vs source"
+    if "adabn" in means:
+        line += f", {means[adapted] - means['adabn']:+.2f} vs AdaBN"
+    return line + ")"
 
 
 def verify_metadata(meta_file, schema_file=REPOSITORY / "bundles" / "schema" / "meta_schema.json") -> None:
