@@ -343,7 +343,7 @@ def evaluation_checkpoints(output_dir, source_checkpoint, adabn=None, method: st
         by_file.setdefault(pick["file"], []).append(rule)
     default = content["picks"][content["rule"]]["file"]
     for file in sorted(by_file, key=lambda f: f != default):
-        rules = by_file[file]
+        rules = sorted(by_file[file], key=lambda rule: rule != content["rule"])  # the configured rule first in its name
         found[f"{method} ({', '.join(rules)})"] = str(Path(output_dir) / file)
     return found
 

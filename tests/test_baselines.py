@@ -491,7 +491,7 @@ def test_unsupervised_methods_never_read_target_labels(method):
 
 def test_oracle_is_the_only_reader_of_target_labels():
     assert [name for name in METHODS if reads_target_labels(name)] == ["oracle"]
-    assert set(METHODS) == {"source", "adabn", "adaptsegnet", "segjdot", "aiva", "oracle"}
+    assert set(METHODS) == {"source", "adabn", "adaptsegnet", "segjdot", "aiva", "aiva_v1", "aiva+adabn", "oracle"}
     with pytest.raises(ValueError, match="unknown method"):
         reads_target_labels("dann")
     _, target = sites(8)

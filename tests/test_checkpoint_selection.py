@@ -123,3 +123,18 @@ def test_rules_need_their_inputs(tmp_path):
         CheckpointSelectionHandler(network, tmp_path, rule="target_im", validator=make_validator())
     with pytest.raises(ValueError, match="unknown selection rule"):
         CheckpointSelectionHandler(network, tmp_path, rule="target_dice", validator=make_validator())
+
+
+def test_evaluation_checkpoints_name_each_distinct_pick_by_its_rules_configured_rule_first(tmp_path):
+    import json
+
+    from aiva_monai.bundle import evaluation_checkpoints
+
+    picks = {"source_best": "selection/epoch_0004.pt", "last": "selection/epoch_0004.pt",
+             "target_agreement": "selection/epoch_0004.pt", "target_im": "selection/epoch_0001.pt"}
+    (tmp_path / "selection.json").write_text(json.dumps({"rule": "target_agreement",
+                                                          "picks": {r: {"file": f} for r, f in picks.items()}}))
+    found = evaluation_checkpoints(tmp_path, "src.pt", adabn="adabn.pt")
+    assert list(found) == ["source", "adabn", "adapted (target_agreement, source_best, last)", "adapted (target_im)"]
+    assert found["adapted (target_im)"] == str(tmp_path / "selection" / "epoch_0001.pt")
+    assert evaluation_checkpoints(tmp_path / "none", "src.pt") == {"source": "src.pt", "adapted": str(tmp_path / "none" / "model.pt")}

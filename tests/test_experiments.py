@@ -36,7 +36,7 @@ from aiva_monai.experiments import (
 )
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-METHODS_WITH_OVERLAY = ("source", "adabn", "adaptsegnet", "segjdot", "oracle")
+METHODS_WITH_OVERLAY = ("source", "adabn", "adaptsegnet", "segjdot", "aiva_v1", "aiva+adabn", "oracle")
 
 
 # -- grids ------------------------------------------------------------------------------------------------------
@@ -260,8 +260,11 @@ def test_every_bundle_has_every_method_overlay_with_its_citation(bundle):
     assert sorted(p.stem for p in folder.glob("*.json")) == sorted(METHODS_WITH_OVERLAY)
     for method in METHODS_WITH_OVERLAY:
         content = json.loads((folder / f"{method}.json").read_text())
-        assert content["method"] == method and content["reads_target_labels"] is (method == "oracle")
-        assert content["selection_rule"]
+        assert content["method"] == method
+        if method in AIVA_METHODS:  # AIVA variants keep train.json's card: no target labels, its label-free selection
+            assert "reads_target_labels" not in content and "selection_rule" not in content
+        else:
+            assert content["reads_target_labels"] is (method == "oracle") and content["selection_rule"]
     cited = {m: json.loads((folder / f"{m}.json").read_text())["_desc_"] for m in ("adabn", "adaptsegnet", "segjdot")}
     assert "Li et al. 2016" in cited["adabn"] and "Tsai et al." in cited["adaptsegnet"] and "CVPR 2018" in cited["adaptsegnet"]
     assert "DeepJDOT" in cited["segjdot"] and "ot.emd" in cited["segjdot"]
@@ -277,7 +280,7 @@ def test_method_overlays_run_and_only_oracle_reads_target_labels(prostate_source
         cards[method] = json.loads((output / "method.json").read_text())
         states[method] = torch.load(output / "model.pt", weights_only=True)
     assert [m for m, card in cards.items() if card["reads_target_labels"]] == ["oracle"]
-    assert "TARGET validation" in cards["oracle"]["selection_rule"] and "source validation" in cards["segjdot"]["selection_rule"]
+    assert "TARGET validation" in cards["oracle"]["selection_rule"] and "unlabelled target slices" in cards["segjdot"]["selection_rule"]
     assert cards["adaptsegnet"]["settings"]["lambda_adv"] == 0.001 and cards["segjdot"]["settings"]["jdot_alpha"] == 0.001
 
     # source: the source model itself; adabn: only the BatchNorm running statistics differ from it
