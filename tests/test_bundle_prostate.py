@@ -2,6 +2,7 @@
 leave-one-site-out pretrain + adapt + evaluate on tiny files in the multi-site release layout (with
 2.5D neighbouring-slice input), target labels never read, inference geometry."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -105,12 +106,15 @@ def test_leave_one_site_out_pretrain_adapt_evaluate(pretrained):
 
     run(config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")], cluster_figure=False, largest_component=True, **overrides)
     evaluation = work / "adapt" / "evaluation"
-    rows = (evaluation / "evaluation.csv").read_text().splitlines()
-    header = rows[0].split(",")
+    rows = list(csv.reader((evaluation / "evaluation.csv").read_text().splitlines()))
+    header = rows[0]
     assert header[:4] == ["model", "set", "subject", "site"] and "dice" in header and "surface_dice_1mm" not in header
-    target_rows = [r.split(",") for r in rows[1:] if r.split(",")[1] == "target test"]
-    assert len(target_rows) == 2 and {r[3] for r in target_rows} == {"F"} and all(r[2].startswith("F_Case") for r in target_rows)
-    assert len(rows) == 1 + 2 * 6  # (source, adapted) x (1 target test case + 5 source test cases)
+    models = list(dict.fromkeys(r[0] for r in rows[1:]))
+    # source, AdaBN, then each distinct pick of the label-free selection rules
+    assert models[:2] == ["source", "adabn"] and len(models) > 2 and all(m.startswith("adapted (") for m in models[2:])
+    target_rows = [r for r in rows[1:] if r[1] == "target test"]
+    assert len(target_rows) == len(models) and {r[3] for r in target_rows} == {"F"} and all(r[2].startswith("F_Case") for r in target_rows)
+    assert len(rows) == 1 + len(models) * 6  # every model x (1 target test case + 5 source test cases)
     summary = (evaluation / "summary.md").read_text()
     assert "source test: site A" in summary and "source test: site E" in summary
     assert "largest connected component kept" in summary and "source sites: A, B, C, D, E (one source); target site: F" in summary
