@@ -230,6 +230,8 @@ class AdaptationBatchNorm:
             self._install(target_set)
 
     def _source_set(self):
+        if not self.layers:  # no BatchNorm layer: nothing to swap
+            return []
         if self.source_set is None:
             raise RuntimeError("AdaptationBatchNorm.start() has not run: no source statistics are kept yet.")
         return self.source_set

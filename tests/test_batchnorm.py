@@ -137,3 +137,23 @@ def test_state_dict_round_trip_and_mode_check():
         AdaptationBatchNorm(_network(), "target").load_state_dict(state)
     with pytest.raises(ValueError, match="batchnorm mode must be"):
         AdaptationBatchNorm(network, "mixed")
+
+
+@pytest.mark.parametrize("mode", ["shared", "target", "per_site"])
+def test_a_network_without_batchnorm_passes_through_every_context(mode):
+    """Instance norm (the multi-process test's network): no running statistics, so start, the source pass and
+    the per-site embedding passes change nothing and never ask for a source set."""
+    torch.manual_seed(0)
+    network = PreActResUNet(channels=(4, 8), blocks_per_level=1, norm="instance")
+    before = copy.deepcopy(network.state_dict())
+    adaptation = AdaptationBatchNorm(network, mode)
+    adaptation.start()
+    images = torch.rand(2, 1, 16, 16)
+    with adaptation.source_pass():
+        network(images)
+    with adaptation.site_statistics("source"):
+        network.eval()(images)
+    with adaptation.site_statistics("target"):
+        network(images)
+    after = network.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
