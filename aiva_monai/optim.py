@@ -9,7 +9,7 @@ from torch import nn
 
 from aiva_monai.networks import _unwrap
 
-__all__ = ["trainable_parameters"]
+__all__ = ["freeze_modules", "trainable_parameters"]
 
 
 def trainable_parameters(network: nn.Module, frozen_modules: Sequence[str] = ()) -> list[torch.nn.Parameter]:
@@ -38,3 +38,13 @@ def trainable_parameters(network: nn.Module, frozen_modules: Sequence[str] = ())
     if not trainable:
         raise ValueError(f"frozen_modules {list(frozen_modules)} leave no parameter of {type(plain).__name__} to train.")
     return trainable
+
+
+def freeze_modules(network: nn.Module, frozen_modules: Sequence[str] = ()) -> nn.Module:
+    """``network`` with the parameters of the named modules frozen (``requires_grad = False``), returned for use
+    in a config expression. Freeze *before* wrapping a network in ``DistributedDataParallel``: DDP registers the
+    parameters that require gradients when it is built and waits for their gradients at every step."""
+    if frozen_modules:
+        trainable_parameters(network, frozen_modules)
+    return network
+

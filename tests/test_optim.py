@@ -30,3 +30,14 @@ def test_nothing_frozen_returns_every_parameter_and_bad_names_fail():
         trainable_parameters(network, ["decodr"])
     with pytest.raises(ValueError, match="leave no parameter"):
         trainable_parameters(network, [""])
+
+
+def test_freeze_modules_returns_the_network_with_the_named_modules_frozen():
+    from aiva_monai.optim import freeze_modules
+
+    network = PreActResUNet(channels=(4, 8), blocks_per_level=1)
+    assert freeze_modules(network, ["decoder"]) is network
+    frozen = {name for name, p in network.named_parameters() if not p.requires_grad}
+    assert frozen and all(name.startswith("decoder.") for name in frozen)
+    assert frozen == {f"decoder.{name}" for name, _ in network.decoder.named_parameters()}
+    assert freeze_modules(PreActResUNet(channels=(4, 8), blocks_per_level=1), []).decoder is not None
