@@ -5,6 +5,7 @@ inference and the synthetic training demo run in a Python where ``aiva_monai`` c
 
 import importlib.metadata
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -111,16 +112,20 @@ def test_exported_synthetic_training_demo_runs_without_aiva_monai(exported, tmp_
 
 
 def test_large_files_are_listed_for_download(tmp_path):
-    with pytest.raises(ValueError, match=r"\['models/model.pt'\] exceed the model zoo's 1 MB limit: pass --large_files_url"):
+    large = ["models/demo_source.pt", "models/model.pt"]  # both 4.3 MB, over the 1 MB limit of this test
+    with pytest.raises(ValueError, match=re.escape(f"{large} exceed the model zoo's 1 MB limit: pass --large_files_url")):
         export_bundle(BUNDLES / "aiva_brain", tmp_path / "refused", file_limit_mb=1)
     root = export_bundle(BUNDLES / "aiva_brain", tmp_path / "listed", file_limit_mb=1, large_files_url="https://example.invalid/aiva")
     text = (root / "large_files.yml").read_text(encoding="utf-8")
     import hashlib
 
-    digest = hashlib.sha256((BUNDLES / "aiva_brain" / "models" / "model.pt").read_bytes()).hexdigest()
-    assert text == (f'large_files:\n  - path: "models/model.pt"\n    url: "https://example.invalid/aiva/models/model.pt"\n'
-                    f'    hash_val: "{digest}"\n    hash_type: "sha256"\n')
-    assert not (root / "models" / "model.pt").exists()
+    expected = "large_files:\n"
+    for path in large:
+        digest = hashlib.sha256((BUNDLES / "aiva_brain" / path).read_bytes()).hexdigest()
+        expected += (f'  - path: "{path}"\n    url: "https://example.invalid/aiva/{path}"\n'
+                     f'    hash_val: "{digest}"\n    hash_type: "sha256"\n')
+        assert not (root / path).exists()
+    assert text == expected
     with pytest.raises(FileExistsError):
         export_bundle(BUNDLES / "aiva_brain", root)
 
