@@ -4,6 +4,7 @@ on real IXI-HH subjects, target labels never read, and inference geometry."""
 import csv
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -216,7 +217,9 @@ def test_main_command_runs_the_synthetic_demo_end_to_end(tmp_path, capsys):
     run(config_file=str(CONFIGS / "train.json"), output_dir=str(tmp_path), demo_pretrain_steps=4, max_steps=4,
         epoch_length=2, cluster_every=4, logging_file=False, **{"cluster_options#tsne_method": "sklearn"})
     printed = capsys.readouterr().out
-    assert "| source | target test | 3 |" in printed and "| adapted | target test | 3 |" in printed
+    # source, AdaBN and the configured rule's pick side by side on the 6 synthetic target test volumes, then the headline
+    assert "| source | target test | 6 |" in printed and "| adabn | target test | 6 |" in printed
+    assert "| adapted (target_agreement" in printed and re.search(r"target test dice: source [\d.]+, AdaBN [\d.]+, adapted \(target_agreement", printed)
     assert "SYNTHETIC" in printed
     assert json.loads((tmp_path / "demo_data" / "datalist.json").read_text())["synthetic"] is True
     for produced in ("demo_source/model.pt", "model.pt", "evaluation/evaluation.csv", "evaluation/clusters.png"):
