@@ -574,6 +574,18 @@ def _cell_text(values: list[float]) -> str:
     return f"{mean:.2f} +/- {100 * float(np.std(values, ddof=1)):.2f}"
 
 
+def _table_values(records: Iterable[dict], metric: str, k: int | None):
+    """(record, target mean of ``metric``) of the finished records a table shows (AIVA cells: those with ``k``)."""
+    for record in records:
+        if record.get("status", "ok") != "ok":
+            continue
+        if record["method"] in AIVA_METHODS and k is not None and record.get("k") not in (None, k):
+            continue
+        value = _target_mean(record, metric)
+        if value is not None:
+            yield record, value
+
+
 def report_table(records: Iterable[dict], metric: str, k: int | None = DEFAULT_K) -> tuple[str, list[dict]]:
     """The paper's table layout for ``metric`` on the target test volumes: one row per target (or
     source -> target pair), the columns of ``METHOD_ORDER``, each cell mean +/- std (sample std) over seeds of
@@ -582,14 +594,8 @@ def report_table(records: Iterable[dict], metric: str, k: int | None = DEFAULT_K
 
     Returns (markdown, csv rows)."""
     per = defaultdict(dict)  # (row, method) -> {seed: value}
-    for record in records:
-        if record.get("status", "ok") != "ok":
-            continue
-        if record["method"] in AIVA_METHODS and k is not None and record.get("k") not in (None, k):
-            continue
-        value = _target_mean(record, metric)
-        if value is not None:
-            per[(_row_label(record), record["method"])][record["seed"]] = value
+    for record, value in _table_values(records, metric, k):
+        per[(_row_label(record), record["method"])][record["seed"]] = value
     rows = sorted({row for row, _ in per})
     methods = [m for m in METHOD_ORDER if any((row, m) in per for row in rows)]
     header = ["target"] + [f"{m}*" if reads_target_labels(m) else m for m in methods]
@@ -649,14 +655,8 @@ def per_seed_table(records: Iterable[dict], metric: str, k: int | None = DEFAULT
 
     Returns (markdown, csv rows); empty without ``bar`` results."""
     per = defaultdict(lambda: defaultdict(list))  # method -> seed -> [row means]
-    for record in records:
-        if record.get("status", "ok") != "ok":
-            continue
-        if record["method"] in AIVA_METHODS and k is not None and record.get("k") not in (None, k):
-            continue
-        value = _target_mean(record, metric)
-        if value is not None:
-            per[record["method"]][record["seed"]].append(value)
+    for record, value in _table_values(records, metric, k):
+        per[record["method"]][record["seed"]].append(value)
     if bar not in per:
         return "", []
     methods = [m for m in METHOD_ORDER if m in per]
