@@ -17,7 +17,12 @@ Side by side in one process, on the same slices and the same network (the shippe
 3. planted structure (12 modes, a shifted and rescaled target): the clusters and mode-to-mode matches of
    both t-SNE schedules (and of a warm-started round on moved features);
 4. warm start on IXI features (``--warm-steps`` > 0): the network is moved by that many AIVA steps, then
-   the new round's t-SNE from scratch vs warm-started from the first round's embedding, same sketches.
+   the new round's t-SNE from scratch vs warm-started from the first round's embedding, same sketches;
+5. training steps (``--rate-steps`` > 0): plain source fine-tuning (MONAI ``SupervisedTrainer``, batch 8) vs
+   AIVA (``AIVATrainer``, batch 8 + 8, the first round's clusters), both with ``train.json``'s trainable
+   parameters (``frozen_modules``) and Adam, alternated twice from the same weights, mean seconds per step after
+   warm-up steps; then the clustering share of AIVA's wall time at the paper's schedule (a round every
+   1,000 steps) = round / (round + 1,000 x AIVA step), for today's round and the new one.
 
     OMP_NUM_THREADS=1 python benchmarks/clustering_round.py                  # 80 + 15 subjects, 1 thread
     python benchmarks/clustering_round.py --source-subjects 20 --target-subjects 5 --warm-steps 0   # quick
@@ -237,6 +242,54 @@ def move_network(network, source, target, result, steps: int, device):
     return time.perf_counter() - start
 
 
+def step_rates(network, source, target, result, steps: int, warmup: int, device, repeats: int = 2) -> dict:
+    """Seconds per training step (mean over ``repeats`` alternated runs; each run's first ``warmup`` steps
+    untimed) of plain fine-tuning and of AIVA, from copies of ``network`` with ``train.json``'s frozen modules."""
+    import copy
+
+    import torch
+    from ignite.engine import Events
+    from monai.bundle import ConfigParser
+    from monai.data import DataLoader
+    from monai.engines import SupervisedTrainer
+    from monai.losses import DiceCELoss
+
+    from aiva_monai.data import SeededEndlessSampler
+    from aiva_monai.engines import AIVATrainer, ClusterAssignment
+    from aiva_monai.losses import AIVALoss
+    from aiva_monai.optim import trainable_parameters
+
+    frozen = ConfigParser.load_config_file(REPOSITORY / "bundles" / "aiva_brain" / "configs" / "train.json")["frozen_modules"]
+    loader = lambda data, seed: DataLoader(data, batch_size=8, sampler=SeededEndlessSampler(data, seed=seed))  # noqa: E731
+    assignment = ClusterAssignment(torch.as_tensor(result.target_labels), result.source_means.to(device), torch.as_tensor(result.match), 1)
+
+    def build(kind):
+        net = copy.deepcopy(network).to(device)
+        optimizer = torch.optim.Adam(trainable_parameters(net, frozen), 1e-4)
+        if kind == "plain":
+            return SupervisedTrainer(device=device, max_epochs=1, epoch_length=warmup + steps, train_data_loader=loader(source, 0),
+                                     network=net, optimizer=optimizer, decollate=False,
+                                     loss_function=DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.0, lambda_ce=1.0))
+        trainer = AIVATrainer(device=device, max_epochs=1, epoch_length=warmup + steps, network=net, optimizer=optimizer,
+                              train_data_loader=loader(source, 0), target_data_loader=loader(target, 1),
+                              loss_function=AIVALoss(calibration_iterations=warmup), decollate=False)
+        trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: setattr(e.state, "aiva_assignment", assignment))
+        return trainer
+
+    seconds = {"plain": [], "aiva": []}
+    for _ in range(repeats):
+        for kind in seconds:
+            trainer = build(kind)
+            marks = []
+            trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: (sync(device), marks.append(time.perf_counter())))
+            trainer.run()
+            if kind == "aiva":
+                trainer.bottleneck_tap.remove()
+            seconds[kind].append((marks[-1] - marks[warmup - 1]) / steps)
+            print(f"{kind}: {seconds[kind][-1]:.3f} s per step", flush=True)
+    return {kind: sum(values) / len(values) for kind, values in seconds.items()}
+
+
 def warm_start(network, source, target, first, settings, device) -> list[dict]:
     from aiva_monai.embedding import cluster_embedded, embed_sites
     from aiva_monai.networks import BottleneckTap
@@ -269,6 +322,8 @@ def main() -> None:
     parser.add_argument("--speed-repeats", type=int, default=3)
     parser.add_argument("--skip-today", action="store_true", help="only the new round (no comparison)")
     parser.add_argument("--warm-steps", type=int, default=50, help="AIVA steps before the warm-start comparison (0: skip)")
+    parser.add_argument("--rate-steps", type=int, default=20, help="timed training steps per loop for steps/s (0: skip)")
+    parser.add_argument("--rate-warmup", type=int, default=3, help="untimed steps before them")
     parser.add_argument("--json", default=None, help="write every number here")
     args = parser.parse_args()
 
@@ -307,6 +362,8 @@ def main() -> None:
     if "today" in rounds:
         report["agreement"] = agreement(rounds["new"][0], rounds["today"][0])
     report["planted"] = planted(today, new)
+    if args.rate_steps:
+        report["seconds_per_step"] = step_rates(network, source, target, rounds["new"][0], args.rate_steps, args.rate_warmup, args.device)
     if args.warm_steps:
         report["moved_by_steps"] = args.warm_steps
         report["move_seconds"] = move_network(network, source, target, rounds["new"][0], args.warm_steps, args.device)
@@ -333,6 +390,16 @@ def main() -> None:
     print("\n| planted modes (12 x 100 per site, 4,096 features) | seconds | ARI source vs truth | ARI target vs truth | matches = true mode pairs |\n|---|---|---|---|---|")
     for row in report["planted"]:
         print(f"| {row['round']} | {row['seconds']:.1f} | {row['ari_source_vs_truth']:.3f} | {row['ari_target_vs_truth']:.3f} | {row['identical_matches']} |")
+    if args.rate_steps:
+        per_step = report["seconds_per_step"]
+        print(f"\ntraining steps (batch 8, AIVA 8 + 8; train.json's trainable parameters; mean of 2 alternated runs of "
+              f"{args.rate_steps} timed steps): plain fine-tuning {1 / per_step['plain']:.3f} steps/s, AIVA {1 / per_step['aiva']:.3f} "
+              f"steps/s, AIVA / plain {per_step['plain'] / per_step['aiva']:.2f}\n")
+        print("| round | round s | 1,000 AIVA steps s | clustering share of AIVA wall time (a round every 1,000 steps) |\n|---|---|---|---|")
+        for name, row in report["rounds"].items():
+            training = 1000 * per_step["aiva"]
+            report["rounds"][name]["share_at_1000_steps"] = row["wall"] / (row["wall"] + training)
+            print(f"| {name} | {row['wall']:.1f} | {training:.0f} | {100 * row['wall'] / (row['wall'] + training):.1f} % |")
     if args.warm_steps:
         print(f"\nwarm start after {args.warm_steps} AIVA steps ({report['move_seconds']:.0f} s), same sketches:\n")
         print("| t-SNE | clustering s (pca + tsne + kmeans + match) | tsne s | ARI target vs from scratch | ARI source | matched pairs that correspond |\n|---|---|---|---|---|---|")
