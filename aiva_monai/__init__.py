@@ -5,8 +5,24 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "alignment", "batchnorm", "bundle", "checkpoint_selection", "clustering", "data", "embedding", "engines", "evaluation",
-    "handlers", "inference", "io", "losses", "metrics", "networks", "optim", "selection", "visualize",
+    "alignment",
+    "batchnorm",
+    "bundle",
+    "checkpoint_selection",
+    "clustering",
+    "data",
+    "embedding",
+    "engines",
+    "evaluation",
+    "handlers",
+    "inference",
+    "io",
+    "losses",
+    "metrics",
+    "networks",
+    "optim",
+    "selection",
+    "visualize",
 )
 
 

@@ -10,7 +10,15 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["match_clusters", "matched_cost", "cluster_sums", "matched_alignment", "alignment_loss", "all_reduce_cluster_sums", "global_alignment_loss"]
+__all__ = [
+    "match_clusters",
+    "matched_cost",
+    "cluster_sums",
+    "matched_alignment",
+    "alignment_loss",
+    "all_reduce_cluster_sums",
+    "global_alignment_loss",
+]
 
 
 def _as_centers(name: str, centers) -> np.ndarray:
@@ -95,8 +103,13 @@ def cluster_sums(target_features: torch.Tensor, target_clusters, n_clusters: int
     return sums, counts
 
 
-def matched_alignment(target_means: torch.Tensor, clusters: torch.Tensor, source_means: torch.Tensor, match,
-                      weights: torch.Tensor | None = None) -> torch.Tensor:
+def matched_alignment(
+    target_means: torch.Tensor,
+    clusters: torch.Tensor,
+    source_means: torch.Tensor,
+    match,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """sum over ``clusters`` i of ``weights[i] * ||target_means[i] - source_means[match[i]]||^2``.
 
     Args:

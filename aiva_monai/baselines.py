@@ -41,7 +41,7 @@ from torch import nn
 
 from aiva_monai.batchnorm import adapt_batchnorm, batchnorm_layers
 from aiva_monai.engines import TargetBatchMixin
-from aiva_monai.networks import BottleneckTap, _unwrap
+from aiva_monai.networks import BottleneckTap
 
 __all__ = [
     "METHODS",
@@ -91,10 +91,20 @@ METHODS: dict[str, MethodInfo] = {
             "Damodaran et al. 2018, ECCV, arXiv:1803.10081; Ackaoui et al. 2020 (Seg-JDOT)",
         ),
         MethodInfo("aiva", False, "intra-site variability alignment (this project)", "AIVA paper, Algorithm 1"),
-        MethodInfo("aiva+adabn", False, "AIVA, then AdaBN re-estimation of every kept checkpoint's BatchNorm statistics "
-                   "on the unlabelled target training slices", "AIVA paper + Li et al. 2016"),
-        MethodInfo("aiva_v1", False, "AIVA with this project's first defaults (shared BatchNorm statistics, lambda = "
-                   "1 / mean L_align, per-batch cluster means, all layers trained)", "AIVA paper, Algorithm 1; commit 00061b4"),
+        MethodInfo(
+            "aiva+adabn",
+            False,
+            "AIVA, then AdaBN re-estimation of every kept checkpoint's BatchNorm statistics "
+            "on the unlabelled target training slices",
+            "AIVA paper + Li et al. 2016",
+        ),
+        MethodInfo(
+            "aiva_v1",
+            False,
+            "AIVA with this project's first defaults (shared BatchNorm statistics, lambda = "
+            "1 / mean L_align, per-batch cluster means, all layers trained)",
+            "AIVA paper, Algorithm 1; commit 00061b4",
+        ),
         MethodInfo(
             "oracle",
             True,
@@ -416,7 +426,8 @@ def jdot_plan(
         raise ValueError(f"feature shapes differ: {tuple(source_features.shape)} vs {tuple(target_features.shape)}.")
     if source_labels_onehot.shape[1:] != target_probs.shape[1:]:
         raise ValueError(
-            f"label shape {tuple(source_labels_onehot.shape)} differs from prediction shape {tuple(target_probs.shape)}: "
+            f"label shape {tuple(source_labels_onehot.shape)} differs from prediction shape "
+            f"{tuple(target_probs.shape)}: "
             "one-hot encode the labels and bring them to the prediction's resolution."
         )
     if label_cost not in ("sqeuclidean", "cross_entropy"):

@@ -151,8 +151,13 @@ class AdaptationBatchNorm:
     (instance or group norm) keeps no running statistics: every mode then behaves the same and ``start`` does nothing.
     """
 
-    def __init__(self, network: nn.Module, mode: str = "shared", start_loader: Iterable | None = None,
-                 image_key: str = Keys.IMAGE) -> None:
+    def __init__(
+        self,
+        network: nn.Module,
+        mode: str = "shared",
+        start_loader: Iterable | None = None,
+        image_key: str = Keys.IMAGE,
+    ) -> None:
         if mode not in BATCHNORM_MODES:
             raise ValueError(f"batchnorm mode must be one of {BATCHNORM_MODES}, got {mode!r}.")
         self.network = network
@@ -175,8 +180,10 @@ class AdaptationBatchNorm:
     def start(self, engine=None) -> None:
         """Keep the starting (source) statistics as the source set, then AdaBN on ``start_loader`` if given."""
         if self.mode == "per_site" and isinstance(self.network, nn.parallel.DistributedDataParallel):
-            raise NotImplementedError("batchnorm mode 'per_site' swaps buffers, which DistributedDataParallel does "
-                                      "not follow; use 'target' for multi-GPU runs.")
+            raise NotImplementedError(
+                "batchnorm mode 'per_site' swaps buffers, which DistributedDataParallel does "
+                "not follow; use 'target' for multi-GPU runs."
+            )
         if not self.layers:  # instance / group norm: no running statistics, every mode is the same
             return
         if self.mode != "shared":
@@ -237,8 +244,12 @@ class AdaptationBatchNorm:
         return self.source_set
 
     def state_dict(self) -> dict:
-        return {"mode": self.mode, "source_set": None if self.source_set is None else
-                [{k: v.detach().cpu().clone() for k, v in buffers.items()} for buffers in self.source_set]}
+        return {
+            "mode": self.mode,
+            "source_set": None
+            if self.source_set is None
+            else [{k: v.detach().cpu().clone() for k, v in buffers.items()} for buffers in self.source_set],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("mode", self.mode) != self.mode:
@@ -257,5 +268,10 @@ def adabn_batches(dataset, batch_size: int = 64, seed: int = 0, num_workers: int
     resumed run stays bit-identical)."""
     from monai.data import DataLoader
 
-    return DataLoader(dataset, batch_size=int(batch_size), shuffle=True, num_workers=int(num_workers),
-                      generator=torch.Generator().manual_seed(int(seed)))
+    return DataLoader(
+        dataset,
+        batch_size=int(batch_size),
+        shuffle=True,
+        num_workers=int(num_workers),
+        generator=torch.Generator().manual_seed(int(seed)),
+    )

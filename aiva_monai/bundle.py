@@ -55,9 +55,18 @@ def locate_bundle_root(name: str) -> str:
 
 # layout -> (finder of the release's files, datalist writer, SYNTHETIC demo maker, what the files look like)
 LAYOUTS = {
-    "cc359": (find_cc359, write_cc359_datalist, make_demo_dataset, "CC359 files (CCxxxx_<vendor>_<field>_<age>_<sex>.nii.gz)"),
-    "prostate": (find_prostate, write_prostate_datalist, make_prostate_demo,
-                 "prostate site folders (ISBI, ISBI_1.5, I2CVB, UCL, BIDMC, HK) with CaseNN.nii.gz"),
+    "cc359": (
+        find_cc359,
+        write_cc359_datalist,
+        make_demo_dataset,
+        "CC359 files (CCxxxx_<vendor>_<field>_<age>_<sex>.nii.gz)",
+    ),
+    "prostate": (
+        find_prostate,
+        write_prostate_datalist,
+        make_prostate_demo,
+        "prostate site folders (ISBI, ISBI_1.5, I2CVB, UCL, BIDMC, HK) with CaseNN.nii.gz",
+    ),
 }
 
 
@@ -202,8 +211,10 @@ def demo_source_model(bundle_root, model_path, datalist_file, max_steps: int = 3
 
             from aiva_monai.io import atomic_path
 
-            logger.info(f"demo: source model = {shipped} (pretrain.json on the synthetic source site, {max_steps} steps; "
-                        f"delete {model} and pass --demo_pretrain_steps N to pretrain one here)")
+            logger.info(
+                f"demo: source model = {shipped} (pretrain.json on the synthetic source site, {max_steps} steps; "
+                f"delete {model} and pass --demo_pretrain_steps N to pretrain one here)"
+            )
             model.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(model) as temporary:
                 shutil.copyfile(shipped, temporary)
@@ -211,8 +222,14 @@ def demo_source_model(bundle_root, model_path, datalist_file, max_steps: int = 3
             from monai.bundle import run
 
             logger.info(f"demo: pretraining a source model on the synthetic source site into {model.parent}")
-            run(config_file=str(Path(bundle_root) / "configs" / "pretrain.json"), output_dir=str(model.parent),
-                datalist=str(datalist_file), max_steps=int(max_steps), epoch_length=min(100, int(max_steps)), **overrides)
+            run(
+                config_file=str(Path(bundle_root) / "configs" / "pretrain.json"),
+                output_dir=str(model.parent),
+                datalist=str(datalist_file),
+                max_steps=int(max_steps),
+                epoch_length=min(100, int(max_steps)),
+                **overrides,
+            )
     if not model.is_file():
         raise RuntimeError(f"demo pretraining finished without writing {model}.")
     return str(model)
@@ -224,7 +241,12 @@ def demo_report(bundle_root, output_dir, datalist_file, **overrides) -> dict:
     from monai.bundle import run
 
     configs = Path(bundle_root) / "configs"
-    run(config_file=[str(configs / "train.json"), str(configs / "evaluate.json")], output_dir=str(output_dir), datalist=str(datalist_file), **overrides)
+    run(
+        config_file=[str(configs / "train.json"), str(configs / "evaluate.json")],
+        output_dir=str(output_dir),
+        datalist=str(datalist_file),
+        **overrides,
+    )
     summary = Path(output_dir) / "evaluation" / "summary.md"
     headline = demo_headline(summary.parent / "evaluation.csv")
     print(f"\nSYNTHETIC demo finished: scores above, also in {summary}; figures in {summary.parent}.")
@@ -348,16 +370,20 @@ def evaluation_checkpoints(output_dir, source_checkpoint, adabn=None, method: st
     return found
 
 
-def write_method_card(output_dir, method: str, selection_rule: str, reads_target_labels: bool, selection: str | None = None,
-                      **settings) -> str:
+def write_method_card(
+    output_dir, method: str, selection_rule: str, reads_target_labels: bool, selection: str | None = None, **settings
+) -> str:
     """``<output_dir>/method.json``: the method of a run, whether it reads target labels, its model-selection
     rule and reference, and ``settings`` (hyper-parameters). ``reads_target_labels`` (from the overlay) must
     agree with ``aiva_monai.baselines.METHODS``: only ``oracle`` reads target labels."""
-    from aiva_monai.baselines import METHODS, reads_target_labels as known
+    from aiva_monai.baselines import METHODS
+    from aiva_monai.baselines import reads_target_labels as known
 
     if bool(reads_target_labels) != known(method):
-        raise ValueError(f"method {method!r}: the config says reads_target_labels={reads_target_labels}, "
-                         f"aiva_monai.baselines.METHODS says {known(method)}.")
+        raise ValueError(
+            f"method {method!r}: the config says reads_target_labels={reads_target_labels}, "
+            f"aiva_monai.baselines.METHODS says {known(method)}."
+        )
     from aiva_monai.io import write_json_atomic
 
     card = {
@@ -367,8 +393,10 @@ def write_method_card(output_dir, method: str, selection_rule: str, reads_target
         "selection": selection,
         "summary": METHODS[method].summary,
         "reference": METHODS[method].reference,
-        "settings": {key: (value if isinstance(value, (int, float, str, bool, type(None), list, dict)) else str(value))
-                     for key, value in settings.items()},
+        "settings": {
+            key: (value if isinstance(value, (int, float, str, bool, type(None), list, dict)) else str(value))
+            for key, value in settings.items()
+        },
     }
     path = Path(output_dir) / "method.json"
     write_json_atomic(path, card)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
-from monai.data import DataLoader
 
 from aiva_monai.io import atomic_path, write_csv_atomic, write_json_atomic
 from aiva_monai.networks import _unwrap
@@ -30,24 +29,36 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def target_scores(network: torch.nn.Module, images: torch.Tensor, *, batch_size: int = 32, perturbations: Sequence[Callable] = (),
-                  device=None) -> dict:
+def target_scores(
+    network: torch.nn.Module,
+    images: torch.Tensor,
+    *,
+    batch_size: int = 32,
+    perturbations: Sequence[Callable] = (),
+    device=None,
+) -> dict:
     """Label-free scores of ``network`` (eval mode) on unlabelled target slices ``images`` (N, C, H, W):
     ``target_entropy``, ``target_im`` and, with ``perturbations``, ``target_agreement`` (mean over them)."""
     device = device or next(network.parameters()).device
     was_training = network.training
     network.eval()
     try:
+
         def predict(batch_images):
-            return torch.cat([torch.softmax(network(batch_images[i : i + batch_size].to(device)).float(), dim=1).cpu()
-                              for i in range(0, len(batch_images), batch_size)])
+            return torch.cat(
+                [
+                    torch.softmax(network(batch_images[i : i + batch_size].to(device)).float(), dim=1).cpu()
+                    for i in range(0, len(batch_images), batch_size)
+                ]
+            )
 
         probs = predict(images)
         scores = {"target_entropy": prediction_entropy(probs), "target_im": information_maximization(probs)}
         if perturbations:
             labels = probs.argmax(dim=1)
-            scores["target_agreement"] = sum(agreement_dice(labels, predict(perturb(images)).argmax(dim=1))
-                                             for perturb in perturbations) / len(perturbations)
+            scores["target_agreement"] = sum(
+                agreement_dice(labels, predict(perturb(images)).argmax(dim=1)) for perturb in perturbations
+            ) / len(perturbations)
     finally:
         network.train(was_training)
     return scores
@@ -140,7 +151,9 @@ class CheckpointSelectionHandler:
             n = len(self.target_dataset)
             count = n if not self.max_target_slices else min(n, int(self.max_target_slices))
             positions = torch.linspace(0, n - 1, count).round().long().unique().tolist()
-            self._images = torch.stack([torch.as_tensor(self.target_dataset[i][self.image_key]).float() for i in positions])
+            self._images = torch.stack(
+                [torch.as_tensor(self.target_dataset[i][self.image_key]).float() for i in positions]
+            )
         return self._images
 
     def add_candidate(self, engine: Engine) -> dict:
@@ -159,8 +172,11 @@ class CheckpointSelectionHandler:
                 self.validator.run(epoch)
                 record["source_dice"] = float(self.validator.state.metrics[self.source_metric])
             if self.target_dataset is not None:
-                record.update(target_scores(plain, self._target_images(), batch_size=self.batch_size,
-                                            perturbations=self.perturbations))
+                record.update(
+                    target_scores(
+                        plain, self._target_images(), batch_size=self.batch_size, perturbations=self.perturbations
+                    )
+                )
             with atomic_path(self.output_dir / record["file"]) as temporary:
                 torch.save(plain.state_dict(), temporary)
         finally:
@@ -169,8 +185,11 @@ class CheckpointSelectionHandler:
             plain.train(was_training)
         self.records.append(record)
         self._write_tables()
-        logger.info("selection candidate epoch %d: %s", epoch,
-                    ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)))
+        logger.info(
+            "selection candidate epoch %d: %s",
+            epoch,
+            ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)),
+        )
         return record
 
     def picks(self) -> dict[str, dict]:
@@ -180,14 +199,26 @@ class CheckpointSelectionHandler:
     def _write_tables(self) -> None:
         picks = self.picks()
         rows = [{**r, "picked_by": " ".join(name for name, pick in picks.items() if pick is r)} for r in self.records]
-        write_csv_atomic(self.output_dir / "selection.csv", rows, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        write_csv_atomic(
+            self.output_dir / "selection.csv", rows, fieldnames=list(dict.fromkeys(k for r in rows for k in r))
+        )
         chosen = choose(self.records, self.rule)
-        write_json_atomic(self.output_dir / "selection.json", {
-            "rule": self.rule,
-            "model": self.model_filename,
-            "picks": {name: {"epoch": p["epoch"], "iteration": p["iteration"], "file": p["file"],
-                             "description": SELECTION_RULES[name].description} for name, p in picks.items()},
-        })
+        write_json_atomic(
+            self.output_dir / "selection.json",
+            {
+                "rule": self.rule,
+                "model": self.model_filename,
+                "picks": {
+                    name: {
+                        "epoch": p["epoch"],
+                        "iteration": p["iteration"],
+                        "file": p["file"],
+                        "description": SELECTION_RULES[name].description,
+                    }
+                    for name, p in picks.items()
+                },
+            },
+        )
         with atomic_path(self.output_dir / self.model_filename) as temporary:
             shutil.copyfile(self.output_dir / chosen["file"], temporary)
 

@@ -152,8 +152,12 @@ class ClusteringSettings:
     log_every_s: float = 10.0
 
     def __post_init__(self) -> None:
-        choices = {"tsne_method": TSNE_METHODS, "source_means": SOURCE_MEANS, "store_dtype": STORE_DTYPES,
-                   "precision": PRECISIONS}
+        choices = {
+            "tsne_method": TSNE_METHODS,
+            "source_means": SOURCE_MEANS,
+            "store_dtype": STORE_DTYPES,
+            "precision": PRECISIONS,
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {allowed}.")
@@ -195,7 +199,9 @@ class ClusteringSettings:
         elif isinstance(settings, dict) or hasattr(settings, "items"):
             base = cls().replace(**dict(settings.items()))
         else:
-            raise TypeError(f"clustering settings must be a ClusteringSettings, a dict or None, got {type(settings).__name__}.")
+            raise TypeError(
+                f"clustering settings must be a ClusteringSettings, a dict or None, got {type(settings).__name__}."
+            )
         return base.replace(**changes)
 
     def as_dict(self) -> dict:
@@ -342,8 +348,9 @@ class FeatureStore:
     written here, so all-reducing the sums and counts gives the means over all ranks.
     """
 
-    def __init__(self, n_rows: int, n_features: int, dtype: str = "float16", memory_mb: float = 1024.0,
-                 directory=None) -> None:
+    def __init__(
+        self, n_rows: int, n_features: int, dtype: str = "float16", memory_mb: float = 1024.0, directory=None
+    ) -> None:
         if dtype not in STORE_DTYPES:
             raise ValueError(f"unknown store dtype {dtype!r}; choose one of {STORE_DTYPES}.")
         self.n_rows, self.n_features = int(n_rows), int(n_features)
@@ -391,15 +398,23 @@ class FeatureStore:
             parts.append(self._memory[begin : min(end, self.rows_in_memory)])
         if end > self.rows_in_memory:
             first = max(begin, self.rows_in_memory)
-            raw = os.pread(self._file.fileno(), (end - first) * self.row_bytes, (first - self.rows_in_memory) * self.row_bytes)
+            raw = os.pread(
+                self._file.fileno(), (end - first) * self.row_bytes, (first - self.rows_in_memory) * self.row_bytes
+            )
             parts.append(np.frombuffer(raw, self.dtype).reshape(end - first, self.n_features))
         rows = np.concatenate(parts).astype(np.float32)
         if self.dtype == np.float16:
             rows *= self._scales[begin:end, None]
         return rows
 
-    def cluster_sums(self, labels, n_clusters: int, device="cpu", chunk_rows: int = 256,
-                     progress: Callable[[int], None] | None = None) -> ClusterMeanAccumulator:
+    def cluster_sums(
+        self,
+        labels,
+        n_clusters: int,
+        device="cpu",
+        chunk_rows: int = 256,
+        progress: Callable[[int], None] | None = None,
+    ) -> ClusterMeanAccumulator:
         """A ``ClusterMeanAccumulator`` holding the per-cluster sums and counts of the written rows
         (``labels``: (n_rows,) cluster ids). ``progress(rows done)`` is called after every chunk."""
         labels = np.asarray(labels)
@@ -480,8 +495,13 @@ class _TSNEProgress:
         return False  # never stop the optimisation
 
 
-def _tsne(points: np.ndarray, settings: ClusteringSettings, perplexity: float, init_embedding=None,
-          progress: Progress | None = None) -> np.ndarray:
+def _tsne(
+    points: np.ndarray,
+    settings: ClusteringSettings,
+    perplexity: float,
+    init_embedding=None,
+    progress: Progress | None = None,
+) -> np.ndarray:
     if settings.tsne_method == "opentsne":
         from openTSNE import TSNE
 
@@ -509,10 +529,13 @@ def _tsne(points: np.ndarray, settings: ClusteringSettings, perplexity: float, i
                 return np.asarray(tsne.fit(points), dtype=np.float64)
             # warm start: the previous round's layout, new affinities, no early exaggeration (the layout is
             # already organised; exaggeration would collapse it); openTSNE's "optimise further" usage
-            embedding = tsne.prepare_initial(points, initialization=np.ascontiguousarray(init_embedding, dtype=np.float64))
+            embedding = tsne.prepare_initial(
+                points, initialization=np.ascontiguousarray(init_embedding, dtype=np.float64)
+            )
             if settings.tsne_warm_iter:
-                embedding = embedding.optimize(n_iter=settings.tsne_warm_iter, momentum=tsne.final_momentum,
-                                               inplace=True, propagate_exception=True)
+                embedding = embedding.optimize(
+                    n_iter=settings.tsne_warm_iter, momentum=tsne.final_momentum, inplace=True, propagate_exception=True
+                )
             return np.asarray(embedding, dtype=np.float64)
         finally:
             quiet.setLevel(level)
@@ -520,8 +543,14 @@ def _tsne(points: np.ndarray, settings: ClusteringSettings, perplexity: float, i
         from sklearn.manifold import TSNE
 
         # scikit-learn's early exaggeration is fixed at 250 iterations, counted in max_iter
-        tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=settings.seed, n_jobs=settings.n_jobs,
-                    max_iter=250 + settings.tsne_iter)
+        tsne = TSNE(
+            n_components=2,
+            perplexity=perplexity,
+            init="pca",
+            random_state=settings.seed,
+            n_jobs=settings.n_jobs,
+            max_iter=250 + settings.tsne_iter,
+        )
         return np.asarray(tsne.fit_transform(points), dtype=np.float64)
     raise ValueError(f"unknown tsne_method {settings.tsne_method!r}; choose one of {TSNE_METHODS}.")
 
@@ -532,7 +561,9 @@ def tsne_input(reduced: np.ndarray, positions=None, weight: float = 0.0) -> np.n
     if not weight:
         return reduced
     if positions is None:
-        raise ValueError("slice_position > 0 needs each slice's position in its volume (source_positions, target_positions).")
+        raise ValueError(
+            "slice_position > 0 needs each slice's position in its volume (source_positions, target_positions)."
+        )
     positions = np.asarray(positions, dtype=np.float64).reshape(-1)
     if len(positions) != len(reduced):
         raise ValueError(f"got {len(positions)} slice positions for {len(reduced)} slices.")
@@ -562,7 +593,10 @@ def torch_pca(points, n_components: int, device=None) -> np.ndarray:
     component is positive).
     """
     x = torch.as_tensor(points)
-    x = x.to(device if device is not None else x.device, torch.float64 if x.device.type == "cpu" and device is None else torch.float32)
+    x = x.to(
+        device if device is not None else x.device,
+        torch.float64 if x.device.type == "cpu" and device is None else torch.float32,
+    )
     x = x - x.mean(dim=0, keepdim=True)
     n, m = x.shape
     k = max(1, min(int(n_components), n, m))
@@ -623,7 +657,9 @@ def cluster_sketches(
     source = np.asarray(source_sketch, dtype=np.float32)
     target = np.asarray(target_sketch, dtype=np.float32)
     if source.ndim != 2 or target.ndim != 2 or source.shape[1] != target.shape[1]:
-        raise ValueError(f"source and target sketches must be (n, m) with the same m, got {source.shape} and {target.shape}.")
+        raise ValueError(
+            f"source and target sketches must be (n, m) with the same m, got {source.shape} and {target.shape}."
+        )
     _check_sizes(len(source), len(target), n_clusters)
     for site, values in (("source", source), ("target", target)):
         if not np.all(np.isfinite(values)):
@@ -631,8 +667,12 @@ def cluster_sketches(
     positions = None
     if settings.slice_position:
         if source_positions is None or target_positions is None:
-            raise ValueError("slice_position > 0 needs source_positions and target_positions (slice_positions(dataset)).")
-        positions = np.concatenate([np.asarray(source_positions, np.float64).reshape(-1), np.asarray(target_positions, np.float64).reshape(-1)])
+            raise ValueError(
+                "slice_position > 0 needs source_positions and target_positions (slice_positions(dataset))."
+            )
+        positions = np.concatenate(
+            [np.asarray(source_positions, np.float64).reshape(-1), np.asarray(target_positions, np.float64).reshape(-1)]
+        )
     joint = np.concatenate([source, target])
     n_total, n_source = len(joint), len(source)
     report = progress or (lambda stage, done, total: None)
@@ -651,7 +691,9 @@ def cluster_sketches(
     start = time.perf_counter()
     used_perplexity = float(min(settings.perplexity, max((n_total - 1) / 3.0, 1.0)))
     warm = (
-        settings.tsne_warm_start and settings.tsne_method == "opentsne" and init_embedding is not None
+        settings.tsne_warm_start
+        and settings.tsne_method == "opentsne"
+        and init_embedding is not None
         and np.shape(init_embedding) == (n_total, 2)
     )
     report("tsne", 0, settings.tsne_warm_iter if warm else settings.tsne_exaggeration_iter + settings.tsne_iter)
@@ -726,7 +768,8 @@ def cluster_sites(
     source_shape, target_shape = tuple(source_features.shape), tuple(target_features.shape)
     if len(source_shape) < 2 or source_shape[1:] != target_shape[1:]:
         raise ValueError(
-            f"source features {source_shape} and target features {target_shape} must be (n, ...) with the same trailing shape."
+            f"source features {source_shape} and target features {target_shape} must be (n, ...) "
+            "with the same trailing shape."
         )
     _check_sizes(source_shape[0], target_shape[0], n_clusters)
     n_features = int(np.prod(source_shape[1:]))
@@ -739,8 +782,14 @@ def cluster_sites(
     ]
     project_time = time.perf_counter() - start
 
-    result = cluster_sketches(sketches[0], sketches[1], n_clusters, settings,
-                              source_positions=source_positions, target_positions=target_positions)
+    result = cluster_sketches(
+        sketches[0],
+        sketches[1],
+        n_clusters,
+        settings,
+        source_positions=source_positions,
+        target_positions=target_positions,
+    )
 
     start = time.perf_counter()
     accumulator = ClusterMeanAccumulator(n_clusters, n_features)

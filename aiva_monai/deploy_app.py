@@ -42,7 +42,9 @@ def series_rules(bundle_name: str, description: str | None = None) -> str:
     pattern = description or SERIES_DESCRIPTIONS.get(bundle_name)
     if pattern is None:
         raise ValueError(f"no series description for bundle {bundle_name!r}: pass one (a regular expression).")
-    return json.dumps({"selections": [{"name": bundle_name, "conditions": {"Modality": "(?i)MR", "SeriesDescription": pattern}}]})
+    return json.dumps(
+        {"selections": [{"name": bundle_name, "conditions": {"Modality": "(?i)MR", "SeriesDescription": pattern}}]}
+    )
 
 
 class BundleSegOperator(Operator):
@@ -55,7 +57,9 @@ class BundleSegOperator(Operator):
         overrides: more config overrides (e.g. ``{"checkpoint": ...}``).
     """
 
-    def __init__(self, fragment: Fragment, *args, bundle_path, output_folder, overrides: dict | None = None, **kwargs) -> None:
+    def __init__(
+        self, fragment: Fragment, *args, bundle_path, output_folder, overrides: dict | None = None, **kwargs
+    ) -> None:
         self.bundle_path = Path(bundle_path).resolve()
         self.output_folder = Path(output_folder)
         self.overrides = dict(overrides or {})
@@ -85,9 +89,17 @@ class BundleSegOperator(Operator):
     def _run_bundle(self, dataset_dir: str) -> dict[str, dict]:
         if (self.bundle_path / "scripts").is_dir() and str(self.bundle_path) not in sys.path:
             sys.path.insert(0, str(self.bundle_path))  # a zoo export's own code
-        workflow = ConfigWorkflow(config_file=str(self.bundle_path / "configs" / "inference.json"), workflow_type="infer",
-                                  logging_file=False, dataset_dir=dataset_dir, output_dir=str(self.output_folder),
-                                  bundle_root=str(self.bundle_path), exit_on_failure=False, progress=False, **self.overrides)
+        workflow = ConfigWorkflow(
+            config_file=str(self.bundle_path / "configs" / "inference.json"),
+            workflow_type="infer",
+            logging_file=False,
+            dataset_dir=dataset_dir,
+            output_dir=str(self.output_folder),
+            bundle_root=str(self.bundle_path),
+            exit_on_failure=False,
+            progress=False,
+            **self.overrides,
+        )
         workflow.initialize()
         workflow.run()
         workflow.finalize()
@@ -107,8 +119,16 @@ class AIVASegApp(Application):
         overrides: more config overrides for the bundle.
     """
 
-    def __init__(self, *args, bundle_path, input_folder=None, output_folder=None, description: str | None = None,
-                 overrides: dict | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        bundle_path,
+        input_folder=None,
+        output_folder=None,
+        description: str | None = None,
+        overrides: dict | None = None,
+        **kwargs,
+    ) -> None:
         self.bundle_path = Path(bundle_path)
         self.input_folder, self.output_folder = input_folder, output_folder
         name = json.loads((self.bundle_path / "configs" / "metadata.json").read_text(encoding="utf-8"))["name"]
@@ -121,8 +141,9 @@ class AIVASegApp(Application):
         output_folder = Path(self.output_folder or self.context.output_path)
         loader = DICOMDataLoaderOperator(self, CountCondition(self, 1), input_folder=input_folder, name="dicom_loader")
         selector = DICOMSeriesSelectorOperator(self, rules=self.rules, name="series_selector")
-        segmenter = BundleSegOperator(self, bundle_path=self.bundle_path, output_folder=output_folder, overrides=self.overrides,
-                                      name="bundle_seg")
+        segmenter = BundleSegOperator(
+            self, bundle_path=self.bundle_path, output_folder=output_folder, overrides=self.overrides, name="bundle_seg"
+        )
         self.add_flow(loader, selector, {("dicom_study_list", "dicom_study_list")})
         self.add_flow(selector, segmenter, {("study_selected_series_list", "study_selected_series_list")})
 
@@ -137,8 +158,13 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     overrides = {"checkpoint": args.checkpoint} if args.checkpoint else None
-    AIVASegApp(bundle_path=args.bundle, input_folder=args.input, output_folder=args.output, description=args.description,
-               overrides=overrides).run()
+    AIVASegApp(
+        bundle_path=args.bundle,
+        input_folder=args.input,
+        output_folder=args.output,
+        description=args.description,
+        overrides=overrides,
+    ).run()
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ from monai.data import DataLoader
 from tqdm.auto import tqdm
 
 from aiva_monai.clustering import (
-    ClusterMeanAccumulator,
     ClusteringSettings,
+    ClusterMeanAccumulator,
     FeatureProjector,
     FeatureStore,
     SiteClustering,
@@ -80,10 +80,27 @@ def _autocast(device, precision: str, amp: bool, amp_kwargs):
     return torch.autocast(device_type, dtype=getattr(torch, precision))
 
 
-def iterate_features(network, tap: BottleneckTap | None, dataset, *, device, batch_size=32, num_workers=0,
-                     image_key="image", index_key="index", amp=False, amp_kwargs=None, progress=True, site="slices",
-                     rank=0, world_size=1, encoder_only=False, channels_last=False, precision="auto",
-                     on_batch: Callable[[int], None] | None = None):
+def iterate_features(
+    network,
+    tap: BottleneckTap | None,
+    dataset,
+    *,
+    device,
+    batch_size=32,
+    num_workers=0,
+    image_key="image",
+    index_key="index",
+    amp=False,
+    amp_kwargs=None,
+    progress=True,
+    site="slices",
+    rank=0,
+    world_size=1,
+    encoder_only=False,
+    channels_last=False,
+    precision="auto",
+    on_batch: Callable[[int], None] | None = None,
+):
     """Yield (bottleneck features (B, ...), position of the batch's first sample) over ``dataset`` in order.
 
     The caller sets eval mode and disables gradients. With ``encoder_only`` only the encoder runs
@@ -120,7 +137,9 @@ def iterate_features(network, tap: BottleneckTap | None, dataset, *, device, bat
                 network(images)
                 features = tap.features
         if not bool(torch.isfinite(features).all()):
-            raise ValueError(f"non-finite bottleneck features for {site} slices {position}..{position + len(images) - 1}.")
+            raise ValueError(
+                f"non-finite bottleneck features for {site} slices {position}..{position + len(images) - 1}."
+            )
         yield features, position
         if on_batch is not None:
             on_batch(len(images))
@@ -177,15 +196,42 @@ def _site_scope(site_context: SiteContext | None, site: str):
     return site_context(site) if site_context is not None else contextlib.nullcontext()
 
 
-def _pass_options(settings: ClusteringSettings, device, num_workers, image_key, index_key, amp, amp_kwargs, bar, rank, world_size):
-    return dict(device=device, batch_size=settings.batch_size, num_workers=num_workers, image_key=image_key,
-                index_key=index_key, amp=amp, amp_kwargs=amp_kwargs, progress=False, rank=rank, world_size=world_size,
-                encoder_only=settings.encoder_only, channels_last=settings.channels_last, precision=settings.precision)
+def _pass_options(
+    settings: ClusteringSettings, device, num_workers, image_key, index_key, amp, amp_kwargs, bar, rank, world_size
+):
+    return dict(
+        device=device,
+        batch_size=settings.batch_size,
+        num_workers=num_workers,
+        image_key=image_key,
+        index_key=index_key,
+        amp=amp,
+        amp_kwargs=amp_kwargs,
+        progress=False,
+        rank=rank,
+        world_size=world_size,
+        encoder_only=settings.encoder_only,
+        channels_last=settings.channels_last,
+        precision=settings.precision,
+    )
 
 
-def embed_sites(network, tap: BottleneckTap | None, source_dataset, target_dataset, settings: ClusteringSettings, *,
-                device="cpu", num_workers=0, image_key="image", index_key="index", amp=False, amp_kwargs=None,
-                site_context: SiteContext | None = None, progress: RoundProgress | None = None) -> EmbeddedSites:
+def embed_sites(
+    network,
+    tap: BottleneckTap | None,
+    source_dataset,
+    target_dataset,
+    settings: ClusteringSettings,
+    *,
+    device="cpu",
+    num_workers=0,
+    image_key="image",
+    index_key="index",
+    amp=False,
+    amp_kwargs=None,
+    site_context: SiteContext | None = None,
+    progress: RoundProgress | None = None,
+) -> EmbeddedSites:
     """Step 1: one eval-mode pass over every source and target slice (see the module docstring).
 
     ``site_context(site)``, when given, is entered around each site's pass ("source", then "target"),
@@ -193,12 +239,18 @@ def embed_sites(network, tap: BottleneckTap | None, source_dataset, target_datas
     module (``tap.module_name``); without ``encoder_only`` it also records the features.
     """
     rank, world_size = distributed_context()
-    options = _pass_options(settings, device, num_workers, image_key, index_key, amp, amp_kwargs, False, rank, world_size)
+    options = _pass_options(
+        settings, device, num_workers, image_key, index_key, amp, amp_kwargs, False, rank, world_size
+    )
     n_total = len(source_dataset) + len(target_dataset)
     detail = "encoder only" if settings.encoder_only else "full network"
     if progress is not None:
-        progress.start("embed", n_total, f"{len(source_dataset)} source + {len(target_dataset)} target, {detail}"
-                       + (f", {world_size} ranks" if world_size > 1 else ""))
+        progress.start(
+            "embed",
+            n_total,
+            f"{len(source_dataset)} source + {len(target_dataset)} target, {detail}"
+            + (f", {world_size} ranks" if world_size > 1 else ""),
+        )
     done = [0]
     start = time.perf_counter()
     projector, store, sketches = None, None, {}
@@ -215,13 +267,20 @@ def embed_sites(network, tap: BottleneckTap | None, source_dataset, target_datas
 
             rows = []
             with _site_scope(site_context, site):
-                for features, position in iterate_features(plain, tap, dataset, site=site, on_batch=on_batch, **options):
+                for features, position in iterate_features(
+                    plain, tap, dataset, site=site, on_batch=on_batch, **options
+                ):
                     if projector is None:
                         projector = FeatureProjector(features[0].numel(), settings.sketch_dim, settings.seed)
                     if site == "source" and settings.source_means == "store":
                         if store is None:
-                            store = FeatureStore(len(dataset), projector.n_features, settings.store_dtype,
-                                                 settings.store_memory_mb, settings.store_dir)
+                            store = FeatureStore(
+                                len(dataset),
+                                projector.n_features,
+                                settings.store_dtype,
+                                settings.store_memory_mb,
+                                settings.store_dir,
+                            )
                         store.write(position, features)
                     rows.append((position, projector(features).cpu().numpy()))
             if world_size > 1:
@@ -232,21 +291,37 @@ def embed_sites(network, tap: BottleneckTap | None, source_dataset, target_datas
         else:
             n_features = projector.n_features
     if settings.source_means == "store" and store is None:
-        store = FeatureStore(len(source_dataset), n_features, settings.store_dtype, settings.store_memory_mb, settings.store_dir)
-    positions = (slice_positions(source_dataset), slice_positions(target_dataset)) if settings.slice_position else (None, None)
+        store = FeatureStore(
+            len(source_dataset), n_features, settings.store_dtype, settings.store_memory_mb, settings.store_dir
+        )
+    positions = (
+        (slice_positions(source_dataset), slice_positions(target_dataset)) if settings.slice_position else (None, None)
+    )
     seconds = time.perf_counter() - start
     if progress is not None:
         progress("embed", n_total, n_total)
     return EmbeddedSites(sketches["source"], sketches["target"], *positions, store, n_features, seconds)
 
 
-def cluster_embedded(embedded: EmbeddedSites, n_clusters: int, settings: ClusteringSettings, *, init_embedding=None,
-                     progress: RoundProgress | None = None) -> SiteClustering:
+def cluster_embedded(
+    embedded: EmbeddedSites,
+    n_clusters: int,
+    settings: ClusteringSettings,
+    *,
+    init_embedding=None,
+    progress: RoundProgress | None = None,
+) -> SiteClustering:
     """Step 2: ``cluster_sketches`` on the pass's sketches; one result for all ranks (rank 0 computes it)."""
     rank, world_size = distributed_context()
     run = lambda: cluster_sketches(  # noqa: E731
-        embedded.source_sketch, embedded.target_sketch, n_clusters, settings, source_positions=embedded.source_positions,
-        target_positions=embedded.target_positions, init_embedding=init_embedding, progress=progress,
+        embedded.source_sketch,
+        embedded.target_sketch,
+        n_clusters,
+        settings,
+        source_positions=embedded.source_positions,
+        target_positions=embedded.target_positions,
+        init_embedding=init_embedding,
+        progress=progress,
     )
     if world_size == 1:
         return run()
@@ -260,10 +335,24 @@ def cluster_embedded(embedded: EmbeddedSites, n_clusters: int, settings: Cluster
     return result
 
 
-def compute_source_means(result: SiteClustering, embedded: EmbeddedSites, n_clusters: int, settings: ClusteringSettings, *,
-                         network=None, tap=None, source_dataset=None, device="cpu", num_workers=0, image_key="image",
-                         index_key="index", amp=False, amp_kwargs=None, site_context: SiteContext | None = None,
-                         progress: RoundProgress | None = None) -> torch.Tensor:
+def compute_source_means(
+    result: SiteClustering,
+    embedded: EmbeddedSites,
+    n_clusters: int,
+    settings: ClusteringSettings,
+    *,
+    network=None,
+    tap=None,
+    source_dataset=None,
+    device="cpu",
+    num_workers=0,
+    image_key="image",
+    index_key="index",
+    amp=False,
+    amp_kwargs=None,
+    site_context: SiteContext | None = None,
+    progress: RoundProgress | None = None,
+) -> torch.Tensor:
     """Step 3: (k, D) float32 mean full feature of every source cluster, on ``device``.
 
     From ``embedded.store`` (``source_means="store"``), or from a second pass through ``network``
@@ -274,13 +363,19 @@ def compute_source_means(result: SiteClustering, embedded: EmbeddedSites, n_clus
     report = progress or (lambda *args: None)
     report("means", 0, n_source, "from the stored features" if embedded.store is not None else "second pass")
     if embedded.store is not None:
-        accumulator = embedded.store.cluster_sums(result.source_labels, n_clusters, device,
-                                                  progress=lambda done: report("means", min(done * world_size, n_source), n_source))
+        accumulator = embedded.store.cluster_sums(
+            result.source_labels,
+            n_clusters,
+            device,
+            progress=lambda done: report("means", min(done * world_size, n_source), n_source),
+        )
     else:
         if network is None or source_dataset is None:
             raise ValueError("source_means='second_pass' needs the network, its tap and the source dataset.")
         accumulator = ClusterMeanAccumulator(n_clusters, embedded.n_features, device)
-        options = _pass_options(settings, device, num_workers, image_key, index_key, amp, amp_kwargs, False, rank, world_size)
+        options = _pass_options(
+            settings, device, num_workers, image_key, index_key, amp, amp_kwargs, False, rank, world_size
+        )
         done = [0]
 
         def on_batch(size):
@@ -288,7 +383,9 @@ def compute_source_means(result: SiteClustering, embedded: EmbeddedSites, n_clus
             report("means", min(done[0], n_source), n_source)
 
         with _EvalMode(network, tap) as plain, _site_scope(site_context, "source"):
-            for features, position in iterate_features(plain, tap, source_dataset, site="source means", on_batch=on_batch, **options):
+            for features, position in iterate_features(
+                plain, tap, source_dataset, site="source means", on_batch=on_batch, **options
+            ):
                 accumulator.update(features, result.source_labels[position : position + len(features)])
     if world_size > 1:
         import torch.distributed as dist
@@ -299,11 +396,27 @@ def compute_source_means(result: SiteClustering, embedded: EmbeddedSites, n_clus
     return accumulator.means()
 
 
-def embed_and_cluster(network, tap: BottleneckTap | None, source_dataset, target_dataset, n_clusters: int = 12,
-                      settings: ClusteringSettings | dict | None = None, *, device="cpu", num_workers=0,
-                      image_key="image", index_key="index", amp=False, amp_kwargs=None, progress=True, label="",
-                      site_context: SiteContext | None = None, init_embedding=None, log: logging.Logger | None = None,
-                      **options) -> SiteClustering:
+def embed_and_cluster(
+    network,
+    tap: BottleneckTap | None,
+    source_dataset,
+    target_dataset,
+    n_clusters: int = 12,
+    settings: ClusteringSettings | dict | None = None,
+    *,
+    device="cpu",
+    num_workers=0,
+    image_key="image",
+    index_key="index",
+    amp=False,
+    amp_kwargs=None,
+    progress=True,
+    label="",
+    site_context: SiteContext | None = None,
+    init_embedding=None,
+    log: logging.Logger | None = None,
+    **options,
+) -> SiteClustering:
     """One clustering round (paper, Algorithm 1 steps 1-5) with ``network`` in eval mode.
 
     Args:
@@ -333,14 +446,23 @@ def embed_and_cluster(network, tap: BottleneckTap | None, source_dataset, target
         settings = settings.replace(pca_device=str(device))  # exact PCA with torch on the GPU
     rank, _ = distributed_context()
     reporter = RoundProgress(log or logger, f"AIVA {label}", settings.log_every_s, bar=progress and rank == 0)
-    common = dict(device=device, num_workers=num_workers, image_key=image_key, index_key=index_key, amp=amp,
-                  amp_kwargs=amp_kwargs, site_context=site_context, progress=reporter)
+    common = dict(
+        device=device,
+        num_workers=num_workers,
+        image_key=image_key,
+        index_key=index_key,
+        amp=amp,
+        amp_kwargs=amp_kwargs,
+        site_context=site_context,
+        progress=reporter,
+    )
     embedded = embed_sites(network, tap, source_dataset, target_dataset, settings, **common)
     try:
         result = cluster_embedded(embedded, n_clusters, settings, init_embedding=init_embedding, progress=reporter)
         start = time.perf_counter()
-        result.source_means = compute_source_means(result, embedded, n_clusters, settings, network=network, tap=tap,
-                                                   source_dataset=source_dataset, **common)
+        result.source_means = compute_source_means(
+            result, embedded, n_clusters, settings, network=network, tap=tap, source_dataset=source_dataset, **common
+        )
         result.timings = {"embed": embedded.seconds, **result.timings, "means": time.perf_counter() - start}
     finally:
         embedded.close()
@@ -365,8 +487,11 @@ def _all_gather_rows(rows, world_size: int) -> list:
 
 def _features_shape(network, tap, dataset, image_key, device, settings):
     image = torch.as_tensor(dataset[0][image_key])[None].to(device)
-    features = encode(network, image, tap.module_name if tap is not None else None) if settings.encoder_only or tap is None \
+    features = (
+        encode(network, image, tap.module_name if tap is not None else None)
+        if settings.encoder_only or tap is None
         else (network(image), tap.features)[1]
+    )
     if tap is not None:
         tap.features = None
     return tuple(features.shape[1:])

@@ -126,7 +126,9 @@ class TargetBatchMixin:
 
     def target_inputs(self, target_batch) -> torch.Tensor:
         """The (B, C, *spatial) image of a target batch on the training device (the only key read)."""
-        return torch.as_tensor(target_batch[self.target_image_key]).to(self.state.device, non_blocking=self.non_blocking)
+        return torch.as_tensor(target_batch[self.target_image_key]).to(
+            self.state.device, non_blocking=self.non_blocking
+        )
 
 
 class AIVATrainer(TargetBatchMixin, SupervisedTrainer):

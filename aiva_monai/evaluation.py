@@ -52,7 +52,9 @@ def load_network_weights(network: torch.nn.Module, checkpoint: str | Path) -> to
     try:
         network.load_state_dict(state)
     except RuntimeError as error:
-        raise ValueError(f"checkpoint {checkpoint} does not fit the network {type(network).__name__}: {error}") from None
+        raise ValueError(
+            f"checkpoint {checkpoint} does not fit the network {type(network).__name__}: {error}"
+        ) from None
     return network
 
 
@@ -60,8 +62,18 @@ def surface_dice_key(tolerance_mm: float) -> str:
     return f"surface_dice_{tolerance_mm:g}mm"
 
 
-def evaluate_volumes(network, dataset, inferer, *, device="cpu", tolerances_mm=(1.0,), num_classes: int = 2,
-                     amp: bool = False, num_workers: int = 0, largest_component: bool = False) -> list[dict]:
+def evaluate_volumes(
+    network,
+    dataset,
+    inferer,
+    *,
+    device="cpu",
+    tolerances_mm=(1.0,),
+    num_classes: int = 2,
+    amp: bool = False,
+    num_workers: int = 0,
+    largest_component: bool = False,
+) -> list[dict]:
     """Dice and surface Dice (at each of ``tolerances_mm``, each volume's own spacing) of every 3D volume.
 
     Args:
@@ -76,7 +88,10 @@ def evaluate_volumes(network, dataset, inferer, *, device="cpu", tolerances_mm=(
     Returns:
         One dict per volume: subject, site, dice, surface_dice_<t>mm for each tolerance, predicted_ml, reference_ml.
     """
-    steps = [Activationsd("pred", softmax=True), AsDiscreted(("pred", "label"), argmax=(True, False), to_onehot=num_classes)]
+    steps = [
+        Activationsd("pred", softmax=True),
+        AsDiscreted(("pred", "label"), argmax=(True, False), to_onehot=num_classes),
+    ]
     if largest_component:
         steps.append(KeepLargestConnectedComponentd("pred", applied_labels=list(range(1, num_classes)), is_onehot=True))
     postprocessing = Compose(steps)
@@ -125,6 +140,7 @@ def summarize(rows: list[dict], tolerances_mm=(1.0,)) -> str:
     keys = [*map(surface_dice_key, tolerances_mm), "dice"]
     titles = [f"surface Dice @ {t:g} mm" for t in tolerances_mm] + ["Dice"]
     lines = ["| model | set | volumes | " + " | ".join(titles) + " |", "|---|---|---|" + "---|" * len(keys)]
+
     def line(model, name, members):
         cells = []
         for key in keys:
@@ -136,7 +152,10 @@ def summarize(rows: list[dict], tolerances_mm=(1.0,)) -> str:
         lines.append(line(model, name, members))
         sites = sorted({str(m.get("site", "")) for m in members})
         if len(sites) > 1:  # a union of sites (prostate sources): one line per site as well
-            lines += [line(model, f"{name}: site {site}", [m for m in members if str(m.get("site", "")) == site]) for site in sites]
+            lines += [
+                line(model, f"{name}: site {site}", [m for m in members if str(m.get("site", "")) == site])
+                for site in sites
+            ]
     return "\n".join(lines)
 
 
@@ -149,10 +168,24 @@ def _write_csv(rows: list[dict], path: Path) -> Path:
     return write_text_atomic(path, buffer.getvalue())
 
 
-def run_evaluation(network, checkpoints: dict, datasets: dict, inferer, output_dir, *, device="cpu",
-                   tolerances_mm=(1.0,), selection_rule: str = "", notes: str = "", cluster_datasets=None,
-                   n_clusters: int = 12, cluster_options: dict | None = None, amp: bool = False,
-                   largest_component: bool = False, cluster_models=None) -> dict:
+def run_evaluation(
+    network,
+    checkpoints: dict,
+    datasets: dict,
+    inferer,
+    output_dir,
+    *,
+    device="cpu",
+    tolerances_mm=(1.0,),
+    selection_rule: str = "",
+    notes: str = "",
+    cluster_datasets=None,
+    n_clusters: int = 12,
+    cluster_options: dict | None = None,
+    amp: bool = False,
+    largest_component: bool = False,
+    cluster_models=None,
+) -> dict:
     """Evaluate every checkpoint on every volume set; write ``evaluation.csv``, ``summary.md`` and,
     when ``cluster_datasets = (source_slices, target_slices)`` is given, ``clusters.png`` (one panel per
     checkpoint: the joint embedding, matched clusters in the same colour).
@@ -178,14 +211,28 @@ def run_evaluation(network, checkpoints: dict, datasets: dict, inferer, output_d
         load_network_weights(network, checkpoint)
         for set_name, dataset in datasets.items():
             logger.info(f"evaluating {model_name} ({checkpoint}) on {set_name}: {len(dataset)} volumes")
-            for row in evaluate_volumes(network, dataset, inferer, device=device, tolerances_mm=tolerances_mm, amp=amp,
-                                        largest_component=largest_component):
+            for row in evaluate_volumes(
+                network,
+                dataset,
+                inferer,
+                device=device,
+                tolerances_mm=tolerances_mm,
+                amp=amp,
+                largest_component=largest_component,
+            ):
                 rows.append({"model": model_name, "set": set_name, **row})
         if cluster_datasets is not None and (cluster_models is None or model_name in cluster_models):
             with BottleneckTap(network) as tap:
                 clusterings[f"{model_name} model"] = embed_and_cluster(
-                    network, tap, *cluster_datasets, n_clusters, device=device, amp=amp, progress=False,
-                    label=f"{model_name} model: ", **(cluster_options or {})
+                    network,
+                    tap,
+                    *cluster_datasets,
+                    n_clusters,
+                    device=device,
+                    amp=amp,
+                    progress=False,
+                    label=f"{model_name} model: ",
+                    **(cluster_options or {}),
                 )
     table = summarize(rows, tolerances_mm)
     program = Path(sys.argv[0]) if sys.argv else Path("")
@@ -201,7 +248,12 @@ def run_evaluation(network, checkpoints: dict, datasets: dict, inferer, output_d
             "- checkpoints: " + ", ".join(f"{k} = `{v}`" for k, v in checkpoints.items()),
             f"- model selection: {selection_rule or 'not stated'}",
             "- metric: per-volume 3D "
-            + (f"surface Dice at {', '.join(f'{t:g}' for t in tolerances_mm)} mm (each volume's own voxel spacing) and " if tolerances_mm else "")
+            + (
+                f"surface Dice at {', '.join(f'{t:g}' for t in tolerances_mm)} mm "
+                "(each volume's own voxel spacing) and "
+                if tolerances_mm
+                else ""
+            )
             + "Dice, foreground class, mean +/- std over volumes, in %; an empty prediction scores 0"
             + ("; largest connected component kept" if largest_component else ""),
             f"- command: `{command}`",
@@ -211,6 +263,8 @@ def run_evaluation(network, checkpoints: dict, datasets: dict, inferer, output_d
     )
     files = [_write_csv(rows, output_dir / "evaluation.csv"), write_text_atomic(output_dir / "summary.md", summary)]
     if clusterings:
-        files.append(plot_clusterings(clusterings, output_dir / "clusters.png", title="AIVA clusters: source (o) and target (x)"))
+        files.append(
+            plot_clusterings(clusterings, output_dir / "clusters.png", title="AIVA clusters: source (o) and target (x)")
+        )
     print(summary)
     return {"rows": rows, "summary": table, "files": [str(f) for f in files]}

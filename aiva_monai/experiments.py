@@ -109,13 +109,18 @@ class Cell:
     @property
     def id(self) -> str:
         k = "" if self.k is None else f"/k{self.k}"
-        return f"{self.dataset}/{'+'.join(self.sources)}->{self.target}/{self.method}/seed{self.seed}{k}/steps{self.steps}"
+        return (
+            f"{self.dataset}/{'+'.join(self.sources)}->{self.target}/{self.method}/seed{self.seed}{k}/steps{self.steps}"
+        )
 
     @property
     def slug(self) -> str:
         """A folder name for the run."""
         k = "" if self.k is None else f"_k{self.k}"
-        return f"{self.dataset}__{'+'.join(self.sources)}__to__{self.target}__{self.method}__seed{self.seed}{k}__steps{self.steps}"
+        return (
+            f"{self.dataset}__{'+'.join(self.sources)}__to__{self.target}__{self.method}"
+            f"__seed{self.seed}{k}__steps{self.steps}"
+        )
 
 
 @dataclass(frozen=True)
@@ -148,30 +153,51 @@ def cc359_pairs(paper_subset: bool = False) -> tuple[list[tuple[str, str]], list
 
 PRESETS: dict[str, Preset] = {
     "cc359": Preset(
-        name="cc359", bundle="aiva_brain", extra_configs=("cc359.json",),
+        name="cc359",
+        bundle="aiva_brain",
+        extra_configs=("cc359.json",),
         pairs=tuple(((s,), t) for s, t in cc359_pairs()[0]),
-        metric="surface_dice_1mm", metrics=("surface_dice_1mm", "dice"), default_steps=6500, pretrain_steps=5000,
+        metric="surface_dice_1mm",
+        metrics=("surface_dice_1mm", "dice"),
+        default_steps=6500,
+        pretrain_steps=5000,
         description="CC359 skull stripping, one source site -> one target site, 1 mm, surface Dice at 1 mm",
     ),
     "prostate": Preset(
-        name="prostate", bundle="aiva_prostate", leave_one_site_out=True,
+        name="prostate",
+        bundle="aiva_prostate",
+        leave_one_site_out=True,
         pairs=tuple((tuple(s for s in PROSTATE_SITES if s != t), t) for t in PROSTATE_SITES),
-        metric="dice", metrics=("dice",), default_steps=3500, pretrain_steps=3500, tolerances_mm=(),
+        metric="dice",
+        metrics=("dice",),
+        default_steps=3500,
+        pretrain_steps=3500,
+        tolerances_mm=(),
         description="multi-site prostate, leave one site out (5 sources -> 1 target), Dice",
     ),
     "ixi-sim": Preset(
-        name="ixi-sim", bundle="aiva_brain",
+        name="ixi-sim",
+        bundle="aiva_brain",
         pairs=((("ixi_hh",), "ixi_hh_simulated_strong"),),
-        metric="surface_dice_1mm", metrics=("surface_dice_1mm", "surface_dice_2mm", "dice"), default_steps=1000,
-        shipped_source_model="bundles/aiva_brain/models/model.pt", shipped_datalist="bundles/aiva_brain/configs/datalist_ixi_hh.json",
+        metric="surface_dice_1mm",
+        metrics=("surface_dice_1mm", "surface_dice_2mm", "dice"),
+        default_steps=1000,
+        shipped_source_model="bundles/aiva_brain/models/model.pt",
+        shipped_datalist="bundles/aiva_brain/configs/datalist_ixi_hh.json",
         tolerances_mm=(1.0, 2.0),
         description="real IXI-HH (2 mm) -> a SIMULATED target site made from disjoint IXI-HH subjects",
     ),
 }
 
 
-def grid(preset: str | Preset, methods: Sequence[str] = METHOD_ORDER, seeds: Sequence[int] = (0,),
-         k_values: Sequence[int] = (DEFAULT_K,), steps: int | None = None, paper_subset: bool = False) -> list[Cell]:
+def grid(
+    preset: str | Preset,
+    methods: Sequence[str] = METHOD_ORDER,
+    seeds: Sequence[int] = (0,),
+    k_values: Sequence[int] = (DEFAULT_K,),
+    steps: int | None = None,
+    paper_subset: bool = False,
+) -> list[Cell]:
     """The cells of a preset, in run order (pair by pair, then seed, then method, then k).
 
     ``k`` applies to ``AIVA_METHODS`` only: one cell per k, one cell for every other method. For ``cc359`` with
@@ -187,8 +213,10 @@ def grid(preset: str | Preset, methods: Sequence[str] = METHOD_ORDER, seeds: Seq
 
     def add(pairs, chosen_methods, ks):
         for (sources, target), seed, method in itertools.product(pairs, seeds, chosen_methods):
-            for k in (ks if method in AIVA_METHODS else [None]):
-                cells.append(Cell(preset.name, tuple(sources), target, method, int(seed), None if k is None else int(k), steps))
+            for k in ks if method in AIVA_METHODS else [None]:
+                cells.append(
+                    Cell(preset.name, tuple(sources), target, method, int(seed), None if k is None else int(k), steps)
+                )
 
     if preset.name == "cc359" and paper_subset:
         table, ablation = cc359_pairs(paper_subset=True)
@@ -253,8 +281,12 @@ class ResultsFile:
 def git_commit(folder: Path = REPOSITORY) -> str:
     """``git rev-parse HEAD`` of the repository, with ``+dirty`` when tracked files differ from it."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder, capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder, capture_output=True, text=True
+        ).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -275,7 +307,11 @@ def _applicable(overrides: dict, config_files: Sequence[Path]) -> dict:
     from monai.bundle import ConfigParser
 
     parser = ConfigParser(ConfigParser.load_config_files([str(c) for c in config_files]))
-    return {k: v for k, v in overrides.items() if "#" not in k.replace("::", "#") or k.replace("::", "#").rsplit("#", 1)[0] in parser}
+    return {
+        k: v
+        for k, v in overrides.items()
+        if "#" not in k.replace("::", "#") or k.replace("::", "#").rsplit("#", 1)[0] in parser
+    }
 
 
 def _cli_value(value) -> str:
@@ -293,8 +329,14 @@ def run_bundle(config_files: Sequence[str | Path], overrides: dict, log_file: Pa
     with open(log_file, "ab") as log:
         log.write(("\n$ " + " ".join(command) + "\n").encode())
         log.flush()
-        process = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPOSITORY,
-                                 preexec_fn=_die_with_parent if os.name == "posix" else None, env=env)
+        process = subprocess.run(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPOSITORY,
+            preexec_fn=_die_with_parent if os.name == "posix" else None,
+            env=env,
+        )
     if process.returncode != 0:
         tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-25:])
         raise RuntimeError(f"monai.bundle run failed (exit {process.returncode}); log {log_file}:\n{tail}")
@@ -342,7 +384,9 @@ class BundleCellRunner:
         found = {}
         if self.dataset_dir:
             found["dataset_dir"] = str(self.dataset_dir)
-        datalist = self.datalist or (str(REPOSITORY / self.preset.shipped_datalist) if self.preset.shipped_datalist else None)
+        datalist = self.datalist or (
+            str(REPOSITORY / self.preset.shipped_datalist) if self.preset.shipped_datalist else None
+        )
         if datalist:
             found["datalist"] = str(datalist)
         return found
@@ -362,17 +406,28 @@ class BundleCellRunner:
             return str(self.source_checkpoint)
         if self.preset.shipped_source_model:
             return str(REPOSITORY / self.preset.shipped_source_model)
-        name = f"pretrain_target_{cell.target}" if self.preset.leave_one_site_out else f"pretrain_{'+'.join(cell.sources)}"
+        name = (
+            f"pretrain_target_{cell.target}" if self.preset.leave_one_site_out else f"pretrain_{'+'.join(cell.sources)}"
+        )
         folder = self.output / "pretrain" / name
         done = folder / "pretrain_done.json"
         if not done.is_file():  # a killed pretraining restarts from scratch (pretrain.json keeps no checkpoints)
             (folder / "model.pt").unlink(missing_ok=True)
             steps = int(self.pretrain_steps or self.preset.pretrain_steps)
-            overrides = {**self.data_overrides(), **self.site_overrides(cell), "output_dir": str(folder), "max_steps": steps,
-                         "epoch_length": min(steps, 500), "seed": 0}
+            overrides = {
+                **self.data_overrides(),
+                **self.site_overrides(cell),
+                "output_dir": str(folder),
+                "max_steps": steps,
+                "epoch_length": min(steps, 500),
+                "seed": 0,
+            }
             pretrain_configs = [self.configs / "pretrain.json", *[self.configs / n for n in self.preset.extra_configs]]
             overrides.update(_applicable(self.overrides, pretrain_configs))
-            print(f"    pretraining the source model for {'+'.join(cell.sources)} ({steps} steps) into {folder}", flush=True)
+            print(
+                f"    pretraining the source model for {'+'.join(cell.sources)} ({steps} steps) into {folder}",
+                flush=True,
+            )
             run_bundle(pretrain_configs, overrides, folder / "pretrain.log")
             from aiva_monai.io import write_json_atomic
 
@@ -382,9 +437,13 @@ class BundleCellRunner:
     def train_overrides(self, cell: Cell, run_dir: Path) -> dict:
         epoch_length = int(self.epoch_length or min(cell.steps, 500))
         overrides = {
-            **self.data_overrides(), **self.site_overrides(cell),
-            "source_checkpoint": self.source_model(cell), "output_dir": str(run_dir), "seed": cell.seed,
-            "max_steps": cell.steps, "epoch_length": epoch_length,
+            **self.data_overrides(),
+            **self.site_overrides(cell),
+            "source_checkpoint": self.source_model(cell),
+            "output_dir": str(run_dir),
+            "seed": cell.seed,
+            "max_steps": cell.steps,
+            "epoch_length": epoch_length,
         }
         if cell.method in AIVA_METHODS:
             overrides["n_clusters"] = int(cell.k)
@@ -399,9 +458,16 @@ class BundleCellRunner:
         overrides = self.train_overrides(cell, run_dir)
         progress("training" if cell.method not in ("source", "adabn") else "preparing the model")
         run_bundle(configs, overrides, run_dir / "train.log")
-        card = json.loads((run_dir / "method.json").read_text()) if (run_dir / "method.json").is_file() else {
-            "selection_rule": "best Dice on the source validation subjects (train.json); target labels are never read",
-            "reads_target_labels": False}
+        card = (
+            json.loads((run_dir / "method.json").read_text())
+            if (run_dir / "method.json").is_file()
+            else {
+                "selection_rule": (
+                    "best Dice on the source validation subjects (train.json); target labels are never read"
+                ),
+                "reads_target_labels": False,
+            }
+        )
         if bool(card["reads_target_labels"]) != reads_target_labels(cell.method):
             raise RuntimeError(f"{run_dir}/method.json: reads_target_labels disagrees with METHODS for {cell.method}.")
 
@@ -422,10 +488,16 @@ class BundleCellRunner:
             main_name = cell.method
         marker = " (READS TARGET LABELS: target-supervised upper bound)" if reads_target_labels(cell.method) else ""
         evaluation = {
-            **overrides, "eval_checkpoints": checkpoints, "cluster_figure": figure,
+            **overrides,
+            "eval_checkpoints": checkpoints,
+            "cluster_figure": figure,
             "evaluation#cluster_models": [n for n in checkpoints if n == "source" or n == main_name],
-            "tolerances_mm": list(self.preset.tolerances_mm), "evaluation#selection_rule": card["selection_rule"],
-            "evaluation#notes": f"$'method: {cell.method}{marker}, seed {cell.seed}, {cell.steps} steps\\n' + 'data: ' + @datalist_file + '\\nsource: ' + str(@source) + ', target: ' + @target",
+            "tolerances_mm": list(self.preset.tolerances_mm),
+            "evaluation#selection_rule": card["selection_rule"],
+            "evaluation#notes": (
+                f"$'method: {cell.method}{marker}, seed {cell.seed}, {cell.steps} steps\\n' + 'data: ' + @datalist_file"
+                " + '\\nsource: ' + str(@source) + ', target: ' + @target"
+            ),
         }
         run_bundle([*configs, self.configs / "evaluate.json"], evaluation, run_dir / "evaluate.log")
         rows = list(csv.DictReader(io.StringIO((run_dir / "evaluation" / "evaluation.csv").read_text())))
@@ -445,9 +517,14 @@ class BundleCellRunner:
         result = {
             "selection_rule": card["selection_rule"],
             "volumes": volumes_of(main_name),
-            "config": {"bundle": self.preset.bundle, "config_files": [str(Path(c).relative_to(REPOSITORY)) for c in configs],
-                       "overrides": {k: v for k, v in overrides.items()}},
-            "figures": {"clusters": str(run_dir / "evaluation" / "clusters.png")} if figure and (run_dir / "evaluation" / "clusters.png").is_file() else {},
+            "config": {
+                "bundle": self.preset.bundle,
+                "config_files": [str(Path(c).relative_to(REPOSITORY)) for c in configs],
+                "overrides": {k: v for k, v in overrides.items()},
+            },
+            "figures": {"clusters": str(run_dir / "evaluation" / "clusters.png")}
+            if figure and (run_dir / "evaluation" / "clusters.png").is_file()
+            else {},
         }
         if picks:
             result["selection"] = card.get("selection")
@@ -494,8 +571,15 @@ def _clock(seconds: float) -> str:
     return f"{hours:d}:{minutes:02d}:{seconds:02d}"
 
 
-def run_matrix(cells: Sequence[Cell], output: str | Path, runner: Callable, *, keep_going: bool = True,
-               commit: str | None = None, stream=None) -> dict:
+def run_matrix(
+    cells: Sequence[Cell],
+    output: str | Path,
+    runner: Callable,
+    *,
+    keep_going: bool = True,
+    commit: str | None = None,
+    stream=None,
+) -> dict:
     """Run every cell not yet in ``<output>/results.jsonl`` with ``runner(cell, run_dir, progress)`` and
     append its record (the runner's fields plus the cell, ``reads_target_labels``, commit, run dir, seconds).
 
@@ -512,8 +596,10 @@ def run_matrix(cells: Sequence[Cell], output: str | Path, runner: Callable, *, k
         start = time.monotonic()
         total = len(cells)
         for index, cell in enumerate(cells, 1):
-            prefix = f"[{index}/{total}] {cell.method:<11} {'+'.join(cell.sources)} -> {cell.target}, seed {cell.seed}" + (
-                f", k {cell.k}" if cell.k is not None else "")
+            prefix = (
+                f"[{index}/{total}] {cell.method:<11} {'+'.join(cell.sources)} -> {cell.target}, seed {cell.seed}"
+                + (f", k {cell.k}" if cell.k is not None else "")
+            )
             if cell.id in done:
                 summary["skipped"].append(cell.id)
                 print(f"{prefix}: already recorded, skipped", file=stream, flush=True)
@@ -522,8 +608,12 @@ def run_matrix(cells: Sequence[Cell], output: str | Path, runner: Callable, *, k
             cell_start = time.monotonic()
 
             def progress(stage: str) -> None:
-                print(f"{prefix}: {stage} (cell {_clock(time.monotonic() - cell_start)}, total {_clock(time.monotonic() - start)})",
-                      file=stream, flush=True)
+                print(
+                    f"{prefix}: {stage} (cell {_clock(time.monotonic() - cell_start)}, "
+                    f"total {_clock(time.monotonic() - start)})",
+                    file=stream,
+                    flush=True,
+                )
 
             try:
                 fields = runner(cell, run_dir, progress)
@@ -534,11 +624,20 @@ def run_matrix(cells: Sequence[Cell], output: str | Path, runner: Callable, *, k
                     raise
                 continue
             record = {
-                "cell": cell.id, "status": "ok", "method": cell.method, "dataset": cell.dataset, "sources": list(cell.sources),
-                "target": cell.target, "seed": cell.seed, "k": cell.k, "steps": cell.steps,
+                "cell": cell.id,
+                "status": "ok",
+                "method": cell.method,
+                "dataset": cell.dataset,
+                "sources": list(cell.sources),
+                "target": cell.target,
+                "seed": cell.seed,
+                "k": cell.k,
+                "steps": cell.steps,
                 "reads_target_labels": reads_target_labels(cell.method),
                 **fields,
-                "git_commit": commit, "run_dir": str(run_dir), "seconds": round(time.monotonic() - cell_start, 1),
+                "git_commit": commit,
+                "run_dir": str(run_dir),
+                "seconds": round(time.monotonic() - cell_start, 1),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
             results.append(record)
@@ -561,7 +660,9 @@ def _row_label(record: dict) -> str:
 
 
 def _target_mean(record: dict, metric: str) -> float | None:
-    values = [v[metric] for v in record.get("volumes", []) if v.get("set") == "target test" and v.get(metric) is not None]
+    values = [
+        v[metric] for v in record.get("volumes", []) if v.get("set") == "target test" and v.get(metric) is not None
+    ]
     return float(np.mean(values)) if values else None
 
 
@@ -608,7 +709,9 @@ def report_table(records: Iterable[dict], metric: str, k: int | None = DEFAULT_K
     average_values = []
     for m in methods:
         seeds = sorted({s for row in rows for s in per.get((row, m), {})})
-        average_values.append([float(np.mean([per[(row, m)][s] for row in rows if s in per.get((row, m), {})])) for s in seeds])
+        average_values.append(
+            [float(np.mean([per[(row, m)][s] for row in rows if s in per.get((row, m), {})])) for s in seeds]
+        )
     lines.append("| " + " | ".join(["average", *[_cell_text(v) for v in average_values]]) + " |")
     table_rows.append(_csv_row("average", methods, average_values))
     return "\n".join(lines), table_rows
@@ -648,7 +751,9 @@ def selection_table(records: Iterable[dict], metric: str) -> tuple[str, list[dic
     return "\n".join(lines), table_rows
 
 
-def per_seed_table(records: Iterable[dict], metric: str, k: int | None = DEFAULT_K, bar: str = "adabn") -> tuple[str, list[dict]]:
+def per_seed_table(
+    records: Iterable[dict], metric: str, k: int | None = DEFAULT_K, bar: str = "adabn"
+) -> tuple[str, list[dict]]:
     """``metric`` per seed (the mean over the target test volumes of every table row), so a reader sees whether
     a method wins on every seed, not only on average: rows = seed, columns = the methods, then each trained
     unsupervised method minus ``bar`` (AdaBN: the cheap alternative every adaptation must beat), in % points.
@@ -725,19 +830,43 @@ def render_report(records: list[dict], metrics: Sequence[str] | None = None) -> 
     markdown, rows = per_seed_table(records, primary, k if ks else None)
     if markdown:
         tables[f"per_seed_{primary}"] = rows
-        parts += [f"## Per seed: target {METRIC_TITLES.get(primary, primary)} (%), and each method minus AdaBN", "", markdown, ""]
+        parts += [
+            f"## Per seed: target {METRIC_TITLES.get(primary, primary)} (%), and each method minus AdaBN",
+            "",
+            markdown,
+            "",
+        ]
     markdown, rows = selection_table(records, primary)
     if markdown:
         tables[f"selection_{primary}"] = rows
-        parts += [f"## Model selection: target {METRIC_TITLES.get(primary, primary)} of the checkpoint each label-free rule picks (%)",
-                  "", markdown, "",
-                  "Rules: " + "; ".join(f"`{name}`: {rule.description}" for name, rule in SELECTION_RULES.items()) + ". "
-                  "Every rule reads source labels or target images only; the table is computed after the runs, so it shows "
-                  "how much the choice of rule matters, it was not used to choose the rule.", ""]
-    rules = sorted({(r["method"], r.get("selection_rule", "")) for r in records}, key=lambda x: METHOD_ORDER.index(x[0]) if x[0] in METHOD_ORDER else 99)
-    parts.append("- cells: mean +/- sample std over seeds of the per-seed mean over the target test volumes (one seed: the mean alone)")
-    parts.append(f"- seeds: {', '.join(map(str, seeds))}; adaptation steps: {', '.join(map(str, steps))}" + (f"; AIVA k = {k}" if ks else ""))
-    parts.append("- \\* reads target labels (target-supervised upper bound); every other method never reads a target label")
+        parts += [
+            (
+                f"## Model selection: target {METRIC_TITLES.get(primary, primary)} of the checkpoint "
+                "each label-free rule picks (%)"
+            ),
+            "",
+            markdown,
+            "",
+            "Rules: " + "; ".join(f"`{name}`: {rule.description}" for name, rule in SELECTION_RULES.items()) + ". "
+            "Every rule reads source labels or target images only; the table is computed after the runs, so it shows "
+            "how much the choice of rule matters, it was not used to choose the rule.",
+            "",
+        ]
+    rules = sorted(
+        {(r["method"], r.get("selection_rule", "")) for r in records},
+        key=lambda x: METHOD_ORDER.index(x[0]) if x[0] in METHOD_ORDER else 99,
+    )
+    parts.append(
+        "- cells: mean +/- sample std over seeds of the per-seed mean over the target test volumes "
+        "(one seed: the mean alone)"
+    )
+    parts.append(
+        f"- seeds: {', '.join(map(str, seeds))}; adaptation steps: {', '.join(map(str, steps))}"
+        + (f"; AIVA k = {k}" if ks else "")
+    )
+    parts.append(
+        "- \\* reads target labels (target-supervised upper bound); every other method never reads a target label"
+    )
     parts.append("- model selection: " + "; ".join(f"{m}: {rule}" for m, rule in rules))
     commits = sorted({r.get("git_commit", "") for r in records})
     parts.append(f"- code: {', '.join(commits)}")
@@ -760,7 +889,9 @@ def k_figure(records: list[dict], metric: str, path: Path) -> Path | None:
             by_row[_row_label(r)][r["k"]].append(100 * value)
     for row, values in sorted(by_row.items()):
         ks = sorted(values)
-        axis.errorbar(ks, [np.mean(values[k]) for k in ks], yerr=[np.std(values[k]) for k in ks], marker="o", capsize=3, label=row)
+        axis.errorbar(
+            ks, [np.mean(values[k]) for k in ks], yerr=[np.std(values[k]) for k in ks], marker="o", capsize=3, label=row
+        )
     for method, style in (("source", ":"), ("oracle", "--")):
         scores = [100 * v for r in records if r["method"] == method for v in [_target_mean(r, metric)] if v is not None]
         if scores:
@@ -781,13 +912,21 @@ def qualitative_figure(records: list[dict], path: Path, n_slices: int = 3, volum
     from aiva_monai.evaluation import load_network_weights
     from aiva_monai.visualize import plt, save_figure_atomic
 
-    records = [r for r in records if r.get("status", "ok") == "ok" and "config" in r and Path(r["run_dir"], "model.pt").is_file()]
+    records = [
+        r
+        for r in records
+        if r.get("status", "ok") == "ok" and "config" in r and Path(r["run_dir"], "model.pt").is_file()
+    ]
     if not records:
         return None
     first = sorted(records, key=lambda r: (_row_label(r), r["seed"]))[0]
     chosen = {}
     for r in records:
-        if _row_label(r) == _row_label(first) and r["seed"] == first["seed"] and (r["method"] != "aiva" or r.get("k") in (None, DEFAULT_K) or "aiva" not in chosen):
+        if (
+            _row_label(r) == _row_label(first)
+            and r["seed"] == first["seed"]
+            and (r["method"] != "aiva" or r.get("k") in (None, DEFAULT_K) or "aiva" not in chosen)
+        ):
             chosen[r["method"]] = r
     methods = [m for m in METHOD_ORDER if m in chosen]
     config = first["config"]
@@ -829,15 +968,24 @@ def qualitative_figure(records: list[dict], path: Path, n_slices: int = 3, volum
             axis.imshow(picture.T, cmap="gray", origin="lower")
             mask = truth if name == "ground truth" else predictions[name][r] > 0
             if mask.any():
-                axis.contour(mask.T.astype(float), levels=[0.5], colors=["lime" if name == "ground truth" else "red"], linewidths=0.8)
+                axis.contour(
+                    mask.T.astype(float),
+                    levels=[0.5],
+                    colors=["lime" if name == "ground truth" else "red"],
+                    linewidths=0.8,
+                )
             if name != "ground truth":
                 axis.contour(truth.T.astype(float), levels=[0.5], colors=["lime"], linewidths=0.4, alpha=0.6)
             if r == 0:
                 axis.set_title(name + (" *" if name in METHODS and reads_target_labels(name) else ""), fontsize=9)
             axis.set_xticks([])
             axis.set_yticks([])
-    figure.suptitle(f"{_row_label(first)}, {volumes[min(volume_index, len(volumes) - 1)].get('subject', '')}: ground truth (green), "
-                    f"prediction (red); * reads target labels", fontsize=9)
+    figure.suptitle(
+        f"{_row_label(first)}, {volumes[min(volume_index, len(volumes) - 1)].get('subject', '')}: "
+        "ground truth (green), "
+        f"prediction (red); * reads target labels",
+        fontsize=9,
+    )
     return save_figure_atomic(figure, path, dpi=75)
 
 
@@ -864,11 +1012,16 @@ def write_report(output: str | Path, report_dir: str | Path | None = None, figur
             clusters = r.get("figures", {}).get("clusters")
             if r["method"] == "aiva" and clusters and Path(clusters).is_file():
                 name = f"clusters_{_row_label(r).replace(' -> ', '_to_').replace('/', '_')}_seed{r['seed']}.png"
-                if not (report_dir / name).exists() or Path(clusters).stat().st_mtime > (report_dir / name).stat().st_mtime:
+                if (
+                    not (report_dir / name).exists()
+                    or Path(clusters).stat().st_mtime > (report_dir / name).stat().st_mtime
+                ):
                     report_dir.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(clusters, report_dir / name)
                 files.setdefault("clusters", []).append(report_dir / name)
-                extra.append(f"![clusters before (source model) and after AIVA, {_row_label(r)}, seed {r['seed']}]({name})")
+                extra.append(
+                    f"![clusters before (source model) and after AIVA, {_row_label(r)}, seed {r['seed']}]({name})"
+                )
         k_path = k_figure(records, metric, report_dir / "k.png")
         if k_path:
             files["k"] = k_path
@@ -882,7 +1035,9 @@ def write_report(output: str | Path, report_dir: str | Path | None = None, figur
             files["qualitative"] = q_path
             extra.append("![ground truth and each method's mask on the same target slices](qualitative.png)")
         if extra:
-            files["markdown"] = write_text_atomic(report_dir / "results.md", markdown + "\n## Figures\n\n" + "\n\n".join(extra) + "\n")
+            files["markdown"] = write_text_atomic(
+                report_dir / "results.md", markdown + "\n## Figures\n\n" + "\n\n".join(extra) + "\n"
+            )
     print((report_dir / "results.md").read_text())
     return {key: value for key, value in files.items()}
 
@@ -902,9 +1057,13 @@ def subset_datalist(datalist: str | Path, counts: Sequence[int], path: Path) -> 
         raise ValueError("--subset needs 6 numbers: source train,val,test and target train,val,test subjects.")
     out = {k: v for k, v in content.items() if k not in ("training", "validation", "test")}
     for index, split in enumerate(("training", "validation", "test")):
-        out[split] = [e for e in content[split] if e["site"] == source][: counts[index]] + \
-                     [e for e in content[split] if e["site"] == target][: counts[3 + index]]
-    out["description"] = f"subset {list(counts)} (source train/val/test, target train/val/test) of {Path(datalist).name}: " + content.get("description", "")
+        out[split] = [e for e in content[split] if e["site"] == source][: counts[index]] + [
+            e for e in content[split] if e["site"] == target
+        ][: counts[3 + index]]
+    out["description"] = (
+        f"subset {list(counts)} (source train/val/test, target train/val/test) of {Path(datalist).name}: "
+        + content.get("description", "")
+    )
     write_json_atomic(path, out)
     return path
 
@@ -924,24 +1083,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         sub.add_argument("--preset", required=True, choices=sorted(PRESETS))
         sub.add_argument("--methods", nargs="+", default=list(METHOD_ORDER), choices=list(METHOD_ORDER))
         sub.add_argument("--seeds", nargs="+", type=int, default=[0])
-        sub.add_argument("--k", nargs="+", type=int, default=[DEFAULT_K], help="AIVA's numbers of clusters (paper Fig. 5: 3 6 9 12 15 18)")
-        sub.add_argument("--steps", type=int, default=None, help="adaptation steps of every method (default: the paper's)")
-        sub.add_argument("--paper-subset", action="store_true", help="cc359: the paper's 25 table pairs + 5 k-ablation pairs")
+        sub.add_argument(
+            "--k",
+            nargs="+",
+            type=int,
+            default=[DEFAULT_K],
+            help="AIVA's numbers of clusters (paper Fig. 5: 3 6 9 12 15 18)",
+        )
+        sub.add_argument(
+            "--steps", type=int, default=None, help="adaptation steps of every method (default: the paper's)"
+        )
+        sub.add_argument(
+            "--paper-subset", action="store_true", help="cc359: the paper's 25 table pairs + 5 k-ablation pairs"
+        )
         sub.add_argument("--targets", nargs="+", default=None, help="only these target sites")
     run = commands.choices["run"]
     run.add_argument("--output", required=True, help="matrix folder: results.jsonl, runs/, pretrain/")
     run.add_argument("--dataset_dir", default=None)
-    run.add_argument("--datalist", default=None, help="a datalist JSON (ixi-sim: default the shipped datalist_ixi_hh.json)")
-    run.add_argument("--subset", type=lambda s: [int(x) for x in s.split(",")], default=None,
-                     help="two-site datalists: use the first N subjects per split, 'src_train,src_val,src_test,tgt_train,tgt_val,tgt_test'")
+    run.add_argument(
+        "--datalist", default=None, help="a datalist JSON (ixi-sim: default the shipped datalist_ixi_hh.json)"
+    )
+    run.add_argument(
+        "--subset",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=None,
+        help=(
+            "two-site datalists: use the first N subjects per split, "
+            "'src_train,src_val,src_test,tgt_train,tgt_val,tgt_test'"
+        ),
+    )
     run.add_argument("--epoch_length", type=int, default=None, help="steps between validations / checkpoints")
     run.add_argument("--cluster_every", type=int, default=None, help="AIVA: steps between clustering rounds")
     run.add_argument("--pretrain_steps", type=int, default=None)
     run.add_argument("--source_checkpoint", default=None)
-    run.add_argument("--selection", default=None, choices=sorted(SELECTION_RULES),
-                     help="the label-free rule whose pick is each trained method's model (default: train.json's); every "
-                          "rule's pick is evaluated and reported anyway")
-    run.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="extra monai.bundle overrides (JSON values)")
+    run.add_argument(
+        "--selection",
+        default=None,
+        choices=sorted(SELECTION_RULES),
+        help="the label-free rule whose pick is each trained method's model (default: train.json's); every "
+        "rule's pick is evaluated and reported anyway",
+    )
+    run.add_argument(
+        "--set", nargs="+", default=[], metavar="KEY=VALUE", help="extra monai.bundle overrides (JSON values)"
+    )
     run.add_argument("--stop-on-error", action="store_true")
     report = commands.add_parser("report", help="tables and figures from a results file")
     report.add_argument("results", help="the matrix folder or its results.jsonl")
@@ -969,17 +1153,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit("--subset needs --datalist (or a preset with a shipped datalist).")
         datalist = str(subset_datalist(base, args.subset, output / "datalist_subset.json"))
     if preset.shipped_datalist and not args.dataset_dir:
-        raise SystemExit(f"--preset {args.preset} needs --dataset_dir (the data the datalist's relative paths point into).")
+        raise SystemExit(
+            f"--preset {args.preset} needs --dataset_dir (the data the datalist's relative paths point into)."
+        )
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
         overrides[key] = _parse_value(value)
-    runner = BundleCellRunner(preset, output, dataset_dir=args.dataset_dir, datalist=datalist, epoch_length=args.epoch_length,
-                              cluster_every=args.cluster_every, pretrain_steps=args.pretrain_steps,
-                              source_checkpoint=args.source_checkpoint, overrides=overrides, selection=args.selection)
+    runner = BundleCellRunner(
+        preset,
+        output,
+        dataset_dir=args.dataset_dir,
+        datalist=datalist,
+        epoch_length=args.epoch_length,
+        cluster_every=args.cluster_every,
+        pretrain_steps=args.pretrain_steps,
+        source_checkpoint=args.source_checkpoint,
+        overrides=overrides,
+        selection=args.selection,
+    )
     print(f"{len(cells)} cells ({preset.description}); results: {output / RESULTS_NAME}", flush=True)
     summary = run_matrix(cells, output, runner, keep_going=not args.stop_on_error)
-    print(f"ran {len(summary['ran'])}, skipped {len(summary['skipped'])} (already recorded), failed {len(summary['failed'])}")
+    print(
+        f"ran {len(summary['ran'])}, skipped {len(summary['skipped'])} (already recorded), "
+        f"failed {len(summary['failed'])}"
+    )
     for cell_id, message in summary["failed"]:
         print(f"  FAILED {cell_id}: {message.splitlines()[0] if message else ''}")
     return 1 if summary["failed"] else 0

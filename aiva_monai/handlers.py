@@ -7,8 +7,8 @@ import os
 import re
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,12 +18,18 @@ from monai.utils import CommonKeys as Keys
 
 from aiva_monai.clustering import ClusteringSettings, SiteClustering, cluster_sketches, slice_positions
 from aiva_monai.embedding import compute_source_means, distributed_context, embed_and_cluster, embed_sites
-from aiva_monai.io import write_csv_atomic
-from aiva_monai.progress import RoundProgress
 from aiva_monai.engines import ClusterAssignment
+from aiva_monai.io import write_csv_atomic
 from aiva_monai.metrics import VolumeSurfaceDiceMetric
+from aiva_monai.progress import RoundProgress
 
-__all__ = ["AIVAClusteringHandler", "SaverState", "SurfaceDiceHandler", "per_group_cluster_counts", "source_slice_groups"]
+__all__ = [
+    "AIVAClusteringHandler",
+    "SaverState",
+    "SurfaceDiceHandler",
+    "per_group_cluster_counts",
+    "source_slice_groups",
+]
 
 _ARRAY_FIELDS = ("source_labels", "target_labels", "embedding", "source_centers", "target_centers", "match")
 
@@ -105,8 +111,14 @@ class AIVAClusteringHandler:
         if interval < 1:
             raise ValueError(f"interval must be at least 1, got {interval}.")
         self.settings = ClusteringSettings.coerce(
-            settings, batch_size=batch_size, pca_components=pca_components, sketch_dim=sketch_dim,
-            tsne_method=tsne_method, perplexity=perplexity, seed=seed, n_jobs=n_jobs,
+            settings,
+            batch_size=batch_size,
+            pca_components=pca_components,
+            sketch_dim=sketch_dim,
+            tsne_method=tsne_method,
+            perplexity=perplexity,
+            seed=seed,
+            n_jobs=n_jobs,
         )
         self.source_dataset = source_dataset
         self.target_dataset = target_dataset
@@ -173,8 +185,10 @@ class AIVAClusteringHandler:
             if self.pending is not None:
                 self.clustering, self.clustered_epoch = self.pending, self.pending_epoch
                 self.pending, self.pending_epoch = None, None
-                self.logger.info(f"AIVA epoch {epoch}: training with the clusters of epoch {self.clustered_epoch} "
-                                 "(computed in the background)")
+                self.logger.info(
+                    f"AIVA epoch {epoch}: training with the clusters of epoch {self.clustered_epoch} "
+                    "(computed in the background)"
+                )
             if epoch + self.interval <= engine.state.max_epochs:  # else no epoch would use the round
                 self._launch(engine)
         waited = time.perf_counter() - start
@@ -190,8 +204,15 @@ class AIVAClusteringHandler:
     # -- the clustering round -------------------------------------------------------------------
 
     def _options(self, engine: Engine) -> dict:
-        return dict(device=engine.state.device, num_workers=self.num_workers, image_key=self.image_key,
-                    index_key=self.index_key, amp=engine.amp, amp_kwargs=engine.amp_kwargs, site_context=self.site_context)
+        return dict(
+            device=engine.state.device,
+            num_workers=self.num_workers,
+            image_key=self.image_key,
+            index_key=self.index_key,
+            amp=engine.amp,
+            amp_kwargs=engine.amp_kwargs,
+            site_context=self.site_context,
+        )
 
     def _settings_for(self, engine: Engine) -> ClusteringSettings:
         settings = self.settings
@@ -237,7 +258,9 @@ class AIVAClusteringHandler:
             **{f"time_{stage}": float(seconds) for stage, seconds in result.timings.items()},
         }
         if self.source_groups is not None and len(set(self.source_groups)) > 1:
-            summary["source_sites"] = per_group_cluster_counts(self.source_groups, result.source_labels, self.n_clusters)
+            summary["source_sites"] = per_group_cluster_counts(
+                self.source_groups, result.source_labels, self.n_clusters
+            )
         return summary
 
     def _record(self, epoch: int, result: SiteClustering) -> None:
@@ -293,21 +316,39 @@ class AIVAClusteringHandler:
         settings = self._settings_for(engine)
         options = self._options(engine)
         reporter = RoundProgress(self.logger, f"AIVA epoch {epoch}: ", settings.log_every_s, bar=self.progress)
-        embedded = embed_sites(engine.network, engine.bottleneck_tap, self.source_dataset, self.target_dataset, settings,
-                               progress=reporter, **options)
+        embedded = embed_sites(
+            engine.network,
+            engine.bottleneck_tap,
+            self.source_dataset,
+            self.target_dataset,
+            settings,
+            progress=reporter,
+            **options,
+        )
         reporter.close()
         if self._executor is None:
             # spawn: a clean interpreter (no copy of a process with torch threads or CUDA state)
-            self._executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=_background_init, initargs=(os.getpid(),))
+            self._executor = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_background_init,
+                initargs=(os.getpid(),),
+            )
         future = self._executor.submit(
-            cluster_sketches, embedded.source_sketch, embedded.target_sketch, self.n_clusters, settings.replace(pca_device=None),
-            source_positions=embedded.source_positions, target_positions=embedded.target_positions,
+            cluster_sketches,
+            embedded.source_sketch,
+            embedded.target_sketch,
+            self.n_clusters,
+            settings.replace(pca_device=None),
+            source_positions=embedded.source_positions,
+            target_positions=embedded.target_positions,
             init_embedding=self._previous_embedding(),
         )
         self._in_flight = (epoch, future, embedded)
-        self.logger.info(f"AIVA epoch {epoch}: embedded in {embedded.seconds:.1f} s; PCA, t-SNE, k-means and matching "
-                         f"run in a background process, used from epoch {epoch + self.interval}")
+        self.logger.info(
+            f"AIVA epoch {epoch}: embedded in {embedded.seconds:.1f} s; PCA, t-SNE, k-means and matching "
+            f"run in a background process, used from epoch {epoch + self.interval}"
+        )
 
     def _collect(self) -> None:
         """Wait for the round in flight (if any), sum its source means from the store, keep it as pending."""
@@ -319,10 +360,15 @@ class AIVAClusteringHandler:
             result = future.result()
             waited = time.perf_counter() - waited
             start = time.perf_counter()
-            result.source_means = compute_source_means(result, embedded, self.n_clusters, self.settings,
-                                                       device=self._device)
-            result.timings = {"embed": embedded.seconds, **result.timings, "means": time.perf_counter() - start,
-                              "wait": waited}
+            result.source_means = compute_source_means(
+                result, embedded, self.n_clusters, self.settings, device=self._device
+            )
+            result.timings = {
+                "embed": embedded.seconds,
+                **result.timings,
+                "means": time.perf_counter() - start,
+                "wait": waited,
+            }
         finally:
             embedded.close()
             self._in_flight = None
@@ -374,7 +420,9 @@ class AIVAClusteringHandler:
             warm_started=bool(state.get("warm_started", False)),
         )
         if result.n_clusters != self.n_clusters:
-            raise ValueError(f"checkpoint holds {result.n_clusters} clusters, the handler is set up for {self.n_clusters}.")
+            raise ValueError(
+                f"checkpoint holds {result.n_clusters} clusters, the handler is set up for {self.n_clusters}."
+            )
         return result
 
     def state_dict(self) -> dict:
@@ -466,7 +514,10 @@ class SaverState:
         return found
 
     def state_dict(self) -> dict:
-        state = {key: [(float(p), str(f)) for p, f in checkpoint.state_dict()["_saved"]] for key, (checkpoint, _) in self._checkpoints().items()}
+        state = {
+            key: [(float(p), str(f)) for p, f in checkpoint.state_dict()["_saved"]]
+            for key, (checkpoint, _) in self._checkpoints().items()
+        }
         if self.evaluator is not None:
             state["best_metric"] = float(self.evaluator.state.best_metric)
             state["best_metric_epoch"] = int(self.evaluator.state.best_metric_epoch)
@@ -478,7 +529,12 @@ class SaverState:
             # files deleted since the state was taken are forgotten; the file resumed from is remembered
             saved = [(p, f) for p, f in state.get(key, []) if (folder / f).exists()]
             resumed = self.resumed_from.get(name)
-            if resumed and key.endswith("interval") and resumed not in [f for _, f in saved] and (folder / resumed).exists():
+            if (
+                resumed
+                and key.endswith("interval")
+                and resumed not in [f for _, f in saved]
+                and (folder / resumed).exists()
+            ):
                 numbers = re.findall(r"(\d+)", Path(resumed).stem)  # its global step, as the saver named it
                 saved.append((float(numbers[-1]) if numbers else 0.0, resumed))
             checkpoint.load_state_dict({"_saved": saved})

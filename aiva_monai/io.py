@@ -19,7 +19,14 @@ import numpy as np
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
-__all__ = ["atomic_path", "write_text_atomic", "write_json_atomic", "write_nifti_atomic", "write_csv_atomic", "check_writable_dir"]
+__all__ = [
+    "atomic_path",
+    "write_text_atomic",
+    "write_json_atomic",
+    "write_nifti_atomic",
+    "write_csv_atomic",
+    "check_writable_dir",
+]
 
 
 @contextmanager
@@ -82,6 +89,7 @@ def check_writable_dir(folder: str | Path, what: str = "output_dir") -> Path:
         os.unlink(probe)
     except OSError as error:
         raise PermissionError(
-            f"{what} {folder} is not writable ({error.strerror or error}): choose another --{what} or fix its permissions."
+            f"{what} {folder} is not writable ({error.strerror or error}): "
+            f"choose another --{what} or fix its permissions."
         ) from None
     return folder

@@ -65,8 +65,11 @@ class RunningClusterMeans:
         return means
 
     def state_dict(self) -> dict:
-        return {"round": self.round, "means": None if self.means is None else self.means.detach().cpu(),
-                "counts": None if self.counts is None else self.counts.cpu()}
+        return {
+            "round": self.round,
+            "means": None if self.means is None else self.means.detach().cpu(),
+            "counts": None if self.counts is None else self.counts.cpu(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.round, self.means, self.counts = state["round"], state["means"], state["counts"]
@@ -124,9 +127,11 @@ class AIVALoss(nn.Module):
             raise ValueError(f"calibration_iterations must be at least 1, got {calibration_iterations}.")
         if fixed_lambda is not None and not (math.isfinite(fixed_lambda) and fixed_lambda >= 0):
             raise ValueError(f"fixed_lambda must be a finite value >= 0, got {fixed_lambda}.")
-        for name, value, allowed in (("lambda_reference", lambda_reference, LAMBDA_REFERENCES),
-                                     ("target_means", target_means, TARGET_MEANS),
-                                     ("cluster_weighting", cluster_weighting, CLUSTER_WEIGHTINGS)):
+        for name, value, allowed in (
+            ("lambda_reference", lambda_reference, LAMBDA_REFERENCES),
+            ("target_means", target_means, TARGET_MEANS),
+            ("cluster_weighting", cluster_weighting, CLUSTER_WEIGHTINGS),
+        ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
         self.seg_loss = (
@@ -166,7 +171,9 @@ class AIVALoss(nn.Module):
         """(L_align, whether any sample carries a cluster) for one target batch (of all ranks if ``synchronise``)."""
         k = int(np.asarray(match).size)
         if source_means.ndim != 2 or source_means.shape[0] != k:
-            raise ValueError(f"source_means must be ({k}, D) for {k} matched clusters, got {tuple(source_means.shape)}.")
+            raise ValueError(
+                f"source_means must be ({k}, D) for {k} matched clusters, got {tuple(source_means.shape)}."
+            )
         sums, counts = cluster_sums(target_features, target_clusters, k)
         if synchronise:
             sums, counts = all_reduce_cluster_sums(sums, counts)
@@ -194,14 +201,21 @@ class AIVALoss(nn.Module):
         seg = self.seg_loss(source_pred, source_label)
         group_size = _world_size()
         synchronise = group_size > 1 and self.sync_alignment
-        align, has_clusters = self.alignment(target_features, target_clusters, source_means, match, round_id, synchronise)
+        align, has_clusters = self.alignment(
+            target_features, target_clusters, source_means, match, round_id, synchronise
+        )
         if group_size > 1 and not self.calibrated:  # one lambda for all ranks: calibrate on their means
             import torch.distributed as dist
 
-            reduced = torch.tensor([float(align.detach()) if has_clusters else 0.0, float(seg.detach()), float(has_clusters)],
-                                   dtype=torch.float64, device=align.device)
+            reduced = torch.tensor(
+                [float(align.detach()) if has_clusters else 0.0, float(seg.detach()), float(has_clusters)],
+                dtype=torch.float64,
+                device=align.device,
+            )
             dist.all_reduce(reduced)
-            weight = self._weight(float(reduced[0] / reduced[2].clamp(min=1)), float(reduced[1] / group_size), bool(reduced[2] > 0))
+            weight = self._weight(
+                float(reduced[0] / reduced[2].clamp(min=1)), float(reduced[1] / group_size), bool(reduced[2] > 0)
+            )
         else:
             weight = self._weight(float(align.detach()), float(seg.detach()), has_clusters)
         total = seg + weight * align if weight else seg + 0.0 * align

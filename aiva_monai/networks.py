@@ -174,7 +174,9 @@ class PreActResUNet(nn.Module):
             raise ValueError(f"PreActResUNet needs at least 2 levels of channels, got {channels}.")
 
         def blocks(c: int) -> nn.Sequential:
-            return nn.Sequential(*[PreActResBlock(spatial_dims, c, norm=norm, act=act) for _ in range(blocks_per_level)])
+            return nn.Sequential(
+                *[PreActResBlock(spatial_dims, c, norm=norm, act=act) for _ in range(blocks_per_level)]
+            )
 
         stem = Convolution(spatial_dims, in_channels, channels[0], kernel_size=3, bias=False, conv_only=True)
         encoder = [nn.Sequential(stem, blocks(channels[0]))]
@@ -285,7 +287,9 @@ def _forward_until(network: nn.Module, module_name: str, images: torch.Tensor) -
     return found[0]
 
 
-def encode(network: nn.Module, images: torch.Tensor, module_name: str | None = None, *, channels_last: bool = False) -> torch.Tensor:
+def encode(
+    network: nn.Module, images: torch.Tensor, module_name: str | None = None, *, channels_last: bool = False
+) -> torch.Tensor:
     """Bottleneck features of ``images``, running only what the bottleneck depends on.
 
     Args:

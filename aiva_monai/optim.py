@@ -29,14 +29,18 @@ def trainable_parameters(network: nn.Module, frozen_modules: Sequence[str] = ())
     unknown = [name for name in frozen_modules if name not in modules]
     if unknown:
         tops = [name for name in modules if name and "." not in name]
-        raise ValueError(f"frozen_modules {unknown} are not modules of {type(plain).__name__}; its top-level modules: {tops}.")
+        raise ValueError(
+            f"frozen_modules {unknown} are not modules of {type(plain).__name__}; its top-level modules: {tops}."
+        )
     frozen = {id(p) for name in frozen_modules for p in modules[name].parameters()}
     for parameter in plain.parameters():
         if id(parameter) in frozen:
             parameter.requires_grad_(False)
     trainable = [p for p in plain.parameters() if id(p) not in frozen]
     if not trainable:
-        raise ValueError(f"frozen_modules {list(frozen_modules)} leave no parameter of {type(plain).__name__} to train.")
+        raise ValueError(
+            f"frozen_modules {list(frozen_modules)} leave no parameter of {type(plain).__name__} to train."
+        )
     return trainable
 
 
@@ -47,4 +51,3 @@ def freeze_modules(network: nn.Module, frozen_modules: Sequence[str] = ()) -> nn
     if frozen_modules:
         trainable_parameters(network, frozen_modules)
     return network
-

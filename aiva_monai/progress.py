@@ -61,10 +61,19 @@ class RoundProgress:
         self.stage, self.total, self.started, self.finished = stage, int(total), time.perf_counter(), False
         name = _STAGE_WORDS.get(stage, stage)
         unit = _UNITS.get(stage)
-        self._log(f"{name} started" + (f": {self.total} {unit}" if unit else "") + (f" ({detail})" if detail else "")
-                  + f"; round time so far {_duration(self.started - self.round_started)}")
+        self._log(
+            f"{name} started"
+            + (f": {self.total} {unit}" if unit else "")
+            + (f" ({detail})" if detail else "")
+            + f"; round time so far {_duration(self.started - self.round_started)}"
+        )
         if self.bar and unit:
-            self._bar = tqdm(total=self.total, desc=f"AIVA {name}", unit=unit.rstrip("s") if unit != "slices" else "slice", leave=False)
+            self._bar = tqdm(
+                total=self.total,
+                desc=f"AIVA {name}",
+                unit=unit.rstrip("s") if unit != "slices" else "slice",
+                leave=False,
+            )
 
     def __call__(self, stage: str, done: int, total: int, detail: str = "") -> None:
         if stage != self.stage:

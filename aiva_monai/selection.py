@@ -47,19 +47,34 @@ class SelectionRule:
 SELECTION_RULES: dict[str, SelectionRule] = {
     rule.name: rule
     for rule in (
-        SelectionRule("source_best", "source_dice", True,
-                      "highest Dice on the labelled source validation subjects"),
-        SelectionRule("source_lowest", "source_dice", False,
-                      "lowest Dice on the labelled source validation subjects (the AIVA authors' low_source_model)"),
+        SelectionRule("source_best", "source_dice", True, "highest Dice on the labelled source validation subjects"),
+        SelectionRule(
+            "source_lowest",
+            "source_dice",
+            False,
+            "lowest Dice on the labelled source validation subjects (the AIVA authors' low_source_model)",
+        ),
         SelectionRule("last", None, True, "the last checkpoint of the run"),
-        SelectionRule("target_entropy", "target_entropy", False,
-                      "lowest mean prediction entropy on held-out unlabelled target slices"),
-        SelectionRule("target_im", "target_im", True,
-                      "highest information maximisation (entropy of the mean prediction - mean entropy) on held-out "
-                      "unlabelled target slices"),
-        SelectionRule("target_agreement", "target_agreement", True,
-                      "highest Dice between predictions of held-out unlabelled target slices and of their "
-                      "intensity-perturbed copies"),
+        SelectionRule(
+            "target_entropy",
+            "target_entropy",
+            False,
+            "lowest mean prediction entropy on held-out unlabelled target slices",
+        ),
+        SelectionRule(
+            "target_im",
+            "target_im",
+            True,
+            "highest information maximisation (entropy of the mean prediction - mean entropy) on held-out "
+            "unlabelled target slices",
+        ),
+        SelectionRule(
+            "target_agreement",
+            "target_agreement",
+            True,
+            "highest Dice between predictions of held-out unlabelled target slices and of their "
+            "intensity-perturbed copies",
+        ),
     )
 }
 
@@ -152,8 +167,9 @@ def intensity_perturbations(gammas: Sequence[float] = (0.7, 1.5), noise: float =
 
     def gaussian(images: torch.Tensor) -> torch.Tensor:
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        span = (images.amax(dim=tuple(range(1, images.ndim)), keepdim=True)
-                - images.amin(dim=tuple(range(1, images.ndim)), keepdim=True))
+        span = images.amax(dim=tuple(range(1, images.ndim)), keepdim=True) - images.amin(
+            dim=tuple(range(1, images.ndim)), keepdim=True
+        )
         return images + noise * span * torch.randn(images.shape, generator=generator).to(images.device, images.dtype)
 
     found = [gamma_curve(g) for g in gammas]

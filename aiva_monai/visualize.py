@@ -37,8 +37,22 @@ def plot_clusterings(clusterings: dict[str, SiteClustering], path: str | Path, t
         n_source = len(result.source_labels)
         source_points, target_points = result.embedding[:n_source], result.embedding[n_source:]
         pair_of_target = np.asarray(result.match)  # target cluster i -> source cluster (= colour) match[i]
-        axis.scatter(*source_points.T, c=[colours(j % 20) for j in result.source_labels], s=6, marker="o", alpha=0.5, linewidths=0)
-        axis.scatter(*target_points.T, c=[colours(pair_of_target[i] % 20) for i in result.target_labels], s=10, marker="x", alpha=0.6, linewidths=0.8)
+        axis.scatter(
+            *source_points.T,
+            c=[colours(j % 20) for j in result.source_labels],
+            s=6,
+            marker="o",
+            alpha=0.5,
+            linewidths=0,
+        )
+        axis.scatter(
+            *target_points.T,
+            c=[colours(pair_of_target[i] % 20) for i in result.target_labels],
+            s=10,
+            marker="x",
+            alpha=0.6,
+            linewidths=0.8,
+        )
         for j, centre in enumerate(result.source_centers):
             axis.scatter(*centre, s=160, marker="o", color=colours(j % 20), edgecolors="black")
             axis.annotate(str(j), centre, ha="center", va="center", fontsize=7)

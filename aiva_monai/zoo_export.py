@@ -35,7 +35,14 @@ from pathlib import Path
 import aiva_monai
 from aiva_monai.io import write_json_atomic, write_text_atomic
 
-__all__ = ["export_bundle", "config_modules", "module_closure", "third_party_distributions", "ZOO_SCHEMA_URL", "ZOO_FILE_LIMIT_MB"]
+__all__ = [
+    "export_bundle",
+    "config_modules",
+    "module_closure",
+    "third_party_distributions",
+    "ZOO_SCHEMA_URL",
+    "ZOO_FILE_LIMIT_MB",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +50,9 @@ PACKAGE = "aiva_monai"
 VENDORED = "scripts"
 PACKAGE_ROOT = Path(aiva_monai.__file__).resolve().parent
 # the schema the model zoo validates metadata.json against (its ci downloads it from this address)
-ZOO_SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
+ZOO_SCHEMA_URL = (
+    "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
+)
 ZOO_FILE_LIMIT_MB = 25.0
 # distributions with their own metadata fields, or not to list
 _OWN_FIELDS = {"torch": "pytorch_version", "monai": "monai_version", "numpy": "numpy_version"}
@@ -151,8 +160,13 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def export_bundle(bundle_dir, output_dir, checkpoint=None, large_files_url: str | None = None,
-                  file_limit_mb: float = ZOO_FILE_LIMIT_MB) -> Path:
+def export_bundle(
+    bundle_dir,
+    output_dir,
+    checkpoint=None,
+    large_files_url: str | None = None,
+    file_limit_mb: float = ZOO_FILE_LIMIT_MB,
+) -> Path:
     """Writes the zoo-layout copy of ``bundle_dir`` into ``output_dir`` (which must not exist or be empty).
 
     Args:
@@ -211,17 +225,23 @@ def export_bundle(bundle_dir, output_dir, checkpoint=None, large_files_url: str 
     large = [p for p in sorted(target.rglob("*")) if p.is_file() and p.stat().st_size > file_limit_mb * 1024 * 1024]
     if large:
         if not large_files_url:
-            raise ValueError(f"{[str(p.relative_to(target)) for p in large]} exceed the model zoo's {file_limit_mb:g} MB limit: "
-                             "pass --large_files_url (where they will be uploaded) to list them in large_files.yml.")
+            raise ValueError(
+                f"{[str(p.relative_to(target)) for p in large]} exceed the model zoo's {file_limit_mb:g} MB limit: "
+                "pass --large_files_url (where they will be uploaded) to list them in large_files.yml."
+            )
         entries = []
         for path in large:
             relative = path.relative_to(target).as_posix()
-            entries.append(f'  - path: "{relative}"\n    url: "{large_files_url.rstrip("/")}/{relative}"\n'
-                           f'    hash_val: "{_sha256(path)}"\n    hash_type: "sha256"\n')
+            entries.append(
+                f'  - path: "{relative}"\n    url: "{large_files_url.rstrip("/")}/{relative}"\n'
+                f'    hash_val: "{_sha256(path)}"\n    hash_type: "sha256"\n'
+            )
             path.unlink()  # downloaded by the zoo's tools from the url
         write_text_atomic(target / "large_files.yml", "large_files:\n" + "".join(entries))
-    logger.info(f"exported {source.name} to {target}: {len(modules)} module(s) in scripts/, required packages "
-                f"{sorted(packages)}" + (f", {len(large)} large file(s) in large_files.yml" if large else ""))
+    logger.info(
+        f"exported {source.name} to {target}: {len(modules)} module(s) in scripts/, required packages "
+        f"{sorted(packages)}" + (f", {len(large)} large file(s) in large_files.yml" if large else "")
+    )
     return target
 
 
@@ -234,7 +254,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        export_bundle(args.bundle_dir, args.output_dir, checkpoint=args.checkpoint, large_files_url=args.large_files_url)
+        export_bundle(
+            args.bundle_dir, args.output_dir, checkpoint=args.checkpoint, large_files_url=args.large_files_url
+        )
     except (OSError, ValueError) as error:
         logger.error(f"zoo export failed: {error}")
         return 2

@@ -44,8 +44,14 @@ def loader(dataset, batch: int, workers: int, seed: int):
 
     from aiva_monai.data import SeededEndlessSampler
 
-    return DataLoader(dataset, batch_size=batch, sampler=SeededEndlessSampler(dataset, seed=seed), num_workers=workers,
-                      pin_memory=False, persistent_workers=workers > 0)
+    return DataLoader(
+        dataset,
+        batch_size=batch,
+        sampler=SeededEndlessSampler(dataset, seed=seed),
+        num_workers=workers,
+        pin_memory=False,
+        persistent_workers=workers > 0,
+    )
 
 
 def plain_run(network, source, args, device) -> float:
@@ -55,9 +61,15 @@ def plain_run(network, source, args, device) -> float:
 
     network = copy.deepcopy(network).to(device)
     trainer = SupervisedTrainer(
-        device=device, max_epochs=1, epoch_length=args.iterations, train_data_loader=loader(source, args.batch, args.workers, 0),
-        network=network, optimizer=torch.optim.Adam(network.parameters(), 1e-4),
-        loss_function=DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.0, lambda_ce=1.0), amp=args.amp, decollate=False,
+        device=device,
+        max_epochs=1,
+        epoch_length=args.iterations,
+        train_data_loader=loader(source, args.batch, args.workers, 0),
+        network=network,
+        optimizer=torch.optim.Adam(network.parameters(), 1e-4),
+        loss_function=DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.0, lambda_ce=1.0),
+        amp=args.amp,
+        decollate=False,
     )
     sync(device)
     start = time.perf_counter()
@@ -75,13 +87,27 @@ def aiva_run(network, source, target, args, device):
 
     network = copy.deepcopy(network).to(device)
     trainer = AIVATrainer(
-        device=device, max_epochs=1, epoch_length=args.iterations, train_data_loader=loader(source, args.batch, args.workers, 0),
-        target_data_loader=loader(target, args.batch, args.workers, 1), network=network,
-        optimizer=torch.optim.Adam(network.parameters(), 1e-4), loss_function=AIVALoss(calibration_iterations=10),
-        amp=args.amp, decollate=False,
+        device=device,
+        max_epochs=1,
+        epoch_length=args.iterations,
+        train_data_loader=loader(source, args.batch, args.workers, 0),
+        target_data_loader=loader(target, args.batch, args.workers, 1),
+        network=network,
+        optimizer=torch.optim.Adam(network.parameters(), 1e-4),
+        loss_function=AIVALoss(calibration_iterations=10),
+        amp=args.amp,
+        decollate=False,
     )
-    handler = AIVAClusteringHandler(source, target, n_clusters=12, batch_size=args.embed_batch, num_workers=args.workers,
-                                    tsne_method="opentsne", progress=False, group_key=None)
+    handler = AIVAClusteringHandler(
+        source,
+        target,
+        n_clusters=12,
+        batch_size=args.embed_batch,
+        num_workers=args.workers,
+        tsne_method="opentsne",
+        progress=False,
+        group_key=None,
+    )
     handler.attach(trainer)
     sync(device)
     start = time.perf_counter()
@@ -101,10 +127,14 @@ def sync(device) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=128, help="slice side in pixels (CC359: 256)")
-    parser.add_argument("--slices", type=int, default=None, help="slices per site (default 11 x iterations; CC359: ~11000)")
+    parser.add_argument(
+        "--slices", type=int, default=None, help="slices per site (default 11 x iterations; CC359: ~11000)"
+    )
     parser.add_argument("--iterations", type=int, default=60, help="steps per clustering epoch (CC359 setting: 1000)")
     parser.add_argument("--batch", type=int, default=8, help="source batch (and target batch for AIVA)")
-    parser.add_argument("--embed-batch", type=int, default=None, help="batch of the embedding pass (default 64 on GPU, 16 on CPU)")
+    parser.add_argument(
+        "--embed-batch", type=int, default=None, help="batch of the embedding pass (default 64 on GPU, 16 on CPU)"
+    )
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
@@ -120,7 +150,11 @@ def main() -> None:
     args.amp = args.amp and device.type == "cuda"
     args.slices = args.slices or 11 * args.iterations
     args.embed_batch = args.embed_batch or (64 if device.type == "cuda" else 16)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores visible"
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores visible"
+    )
     source = slices(args.slices, args.size, 0, labels=True)
     target = slices(args.slices, args.size, 1, labels=False)
     torch.manual_seed(0)
@@ -139,24 +173,47 @@ def main() -> None:
         aiva, stages = aiva_run(network, source, target, args, device)
         rows.append((round_ + 1, plain, aiva, stages))
 
-    print(f"\ndevice: {device} ({name}); amp {args.amp}; slices {args.size}x{args.size}, {args.slices} source + {args.slices} target;"
-          f" {args.iterations} iterations per clustering epoch; batch {args.batch} (+{args.batch} target for AIVA); workers {args.workers}\n")
-    print("| round | plain steps/s | AIVA steps/s, training only | AIVA/plain, training only | AIVA steps/s incl. clustering | AIVA/plain incl. clustering | clustering share of AIVA wall |")
+    print(
+        f"\ndevice: {device} ({name}); amp {args.amp}; slices {args.size}x{args.size}, "
+        f"{args.slices} source + {args.slices} target;"
+        f" {args.iterations} iterations per clustering epoch; batch {args.batch} (+{args.batch} target for AIVA);"
+        f" workers {args.workers}\n"
+    )
+    print(
+        "| round | plain steps/s | AIVA steps/s, training only | AIVA/plain, training only "
+        "| AIVA steps/s incl. clustering | AIVA/plain incl. clustering | clustering share of AIVA wall |"
+    )
     print("|---|---|---|---|---|---|---|")
     for round_, plain, aiva, stages in rows:
         clustering = sum(stages.values())
         plain_rate, aiva_train = iterations / plain, iterations / (aiva - clustering)
-        print(f"| {round_} | {plain_rate:.3f} | {aiva_train:.3f} | {aiva_train / plain_rate:.2f} | {iterations / aiva:.3f} | "
-              f"{plain / aiva:.2f} | {100 * clustering / aiva:.1f}% |")
-    print("\n| round | " + " | ".join(f"{stage} s" for stage in rows[0][3]) + " | clustering total s | AIVA wall s | plain wall s |")
+        print(
+            f"| {round_} | {plain_rate:.3f} | {aiva_train:.3f} | {aiva_train / plain_rate:.2f} | "
+            f"{iterations / aiva:.3f} | "
+            f"{plain / aiva:.2f} | {100 * clustering / aiva:.1f}% |"
+        )
+    print(
+        "\n| round | "
+        + " | ".join(f"{stage} s" for stage in rows[0][3])
+        + " | clustering total s | AIVA wall s | plain wall s |"
+    )
     print("|---|" + "---|" * (len(rows[0][3]) + 3))
     for round_, plain, aiva, stages in rows:
-        print(f"| {round_} | " + " | ".join(f"{v:.2f}" for v in stages.values()) + f" | {sum(stages.values()):.2f} | {aiva:.1f} | {plain:.1f} |")
-    print(f"\nslices/s (training, source + target forward): plain {rows[-1][1] and args.batch * iterations / rows[-1][1]:.1f},"
-          f" AIVA {2 * args.batch * iterations / (rows[-1][2] - sum(rows[-1][3].values())):.1f}")
+        print(
+            f"| {round_} | "
+            + " | ".join(f"{v:.2f}" for v in stages.values())
+            + f" | {sum(stages.values()):.2f} | {aiva:.1f} | {plain:.1f} |"
+        )
+    print(
+        "\nslices/s (training, source + target forward): "
+        f"plain {rows[-1][1] and args.batch * iterations / rows[-1][1]:.1f},"
+        f" AIVA {2 * args.batch * iterations / (rows[-1][2] - sum(rows[-1][3].values())):.1f}"
+    )
     if device.type == "cuda":
         try:
-            print(f"GPU utilisation at the end (torch.cuda.utilization, needs pynvml): {torch.cuda.utilization(device)}%")
+            print(
+                f"GPU utilisation at the end (torch.cuda.utilization, needs pynvml): {torch.cuda.utilization(device)}%"
+            )
         except Exception as error:  # noqa: BLE001
             print(f"GPU utilisation not available ({error}); watch `nvidia-smi dmon -s u` while it runs")
 

@@ -98,10 +98,19 @@ def datasets(args):
 
     datalist = REPOSITORY / "bundles" / "aiva_brain" / "configs" / "datalist_ixi_hh.json"
     preprocessing = volume_transforms(pixdim=[2.0, 2.0, 2.0], in_plane_size=[128, 128], slice_axis=0)
-    source = SliceDataset(entries(datalist, "training", "ixi_hh", args.data)[: args.source_subjects], preprocessing,
-                          slice_axis=0, progress=False)
-    target = SliceDataset(entries(datalist, "training", "ixi_hh_simulated_strong", args.data, labels=False)[: args.target_subjects],
-                          preprocessing, keys=("image",), slice_axis=0, progress=False)
+    source = SliceDataset(
+        entries(datalist, "training", "ixi_hh", args.data)[: args.source_subjects],
+        preprocessing,
+        slice_axis=0,
+        progress=False,
+    )
+    target = SliceDataset(
+        entries(datalist, "training", "ixi_hh_simulated_strong", args.data, labels=False)[: args.target_subjects],
+        preprocessing,
+        keys=("image",),
+        slice_axis=0,
+        progress=False,
+    )
     return source, target
 
 
@@ -148,8 +157,9 @@ def one_round(name, network, source, target, settings, device, silences, amp):
     print(f"\n-- round: {name} --", flush=True)
     with BottleneckTap(network) as tap, PeakMemory() as memory:
         start = time.perf_counter()
-        result = embed_and_cluster(network, tap, source, target, 12, settings, device=device, amp=amp, progress=False,
-                                   label=f"[{name}] ")
+        result = embed_and_cluster(
+            network, tap, source, target, 12, settings, device=device, amp=amp, progress=False, label=f"[{name}] "
+        )
         end = time.perf_counter()
     return result, {"wall": end - start, "extra_mb": memory.extra_mb, "longest_silence": silences.longest(start, end)}
 
@@ -157,7 +167,12 @@ def one_round(name, network, source, target, settings, device, silences, amp):
 def correspondence(new_labels, old_labels, k):
     import numpy as np
 
-    return np.array([np.bincount(old_labels[new_labels == c], minlength=k).argmax() if (new_labels == c).any() else -1 for c in range(k)])
+    return np.array(
+        [
+            np.bincount(old_labels[new_labels == c], minlength=k).argmax() if (new_labels == c).any() else -1
+            for c in range(k)
+        ]
+    )
 
 
 def agreement(new, old, k=12) -> dict:
@@ -166,8 +181,11 @@ def agreement(new, old, k=12) -> dict:
     target_map = correspondence(new.target_labels, old.target_labels, k)
     source_map = correspondence(new.source_labels, old.source_labels, k)
     same = sum(int(old.match[target_map[i]] == source_map[new.match[i]]) for i in range(k))
-    return {"ari_target": adjusted_rand_score(old.target_labels, new.target_labels),
-            "ari_source": adjusted_rand_score(old.source_labels, new.source_labels), "matches_agreeing": same}
+    return {
+        "ari_target": adjusted_rand_score(old.target_labels, new.target_labels),
+        "ari_source": adjusted_rand_score(old.source_labels, new.source_labels),
+        "matches_agreeing": same,
+    }
 
 
 def planted(settings_today, settings_new, seed: int = 0) -> list[dict]:
@@ -182,7 +200,9 @@ def planted(settings_today, settings_new, seed: int = 0) -> list[dict]:
     source_modes = np.repeat(np.arange(k), per_mode)
     target_modes = rng.permutation(source_modes)
     source = (modes[source_modes] + rng.normal(size=(k * per_mode, n_features))).astype(np.float32)
-    target = (1.3 * (modes[target_modes] + rng.normal(size=(k * per_mode, n_features))) + 0.3 * rng.normal(size=n_features)).astype(np.float32)
+    target = (
+        1.3 * (modes[target_modes] + rng.normal(size=(k * per_mode, n_features))) + 0.3 * rng.normal(size=n_features)
+    ).astype(np.float32)
     rows = []
     results = {}
 
@@ -194,23 +214,39 @@ def planted(settings_today, settings_new, seed: int = 0) -> list[dict]:
     for name, settings, features in (("today", settings_today, source), ("new", settings_new, source)):
         start = time.perf_counter()
         results[name] = cluster_sites(features, target, k, settings)
-        rows.append({"round": name, "seconds": time.perf_counter() - start,
-                     "ari_source_vs_truth": adjusted_rand_score(source_modes, results[name].source_labels),
-                     "ari_target_vs_truth": adjusted_rand_score(target_modes, results[name].target_labels),
-                     "mode_matches": mode_matches(results[name])})
+        rows.append(
+            {
+                "round": name,
+                "seconds": time.perf_counter() - start,
+                "ari_source_vs_truth": adjusted_rand_score(source_modes, results[name].source_labels),
+                "ari_target_vs_truth": adjusted_rand_score(target_modes, results[name].target_labels),
+                "mode_matches": mode_matches(results[name]),
+            }
+        )
     moved = source + 0.3 * rng.normal(size=source.shape).astype(np.float32)  # the features after some training
     start = time.perf_counter()
-    from aiva_monai.clustering import FeatureProjector, cluster_sketches
     import torch
+
+    from aiva_monai.clustering import FeatureProjector, cluster_sketches
 
     projector = FeatureProjector(n_features, settings_new.sketch_dim, settings_new.seed)
     sketch = lambda x: projector(torch.from_numpy(x)).numpy()  # noqa: E731
-    warm = cluster_sketches(sketch(moved), sketch(target), k, settings_new.replace(tsne_warm_start=True),
-                            init_embedding=results["new"].embedding)
-    rows.append({"round": "new, warm-started on moved features", "seconds": time.perf_counter() - start,
-                 "ari_source_vs_truth": adjusted_rand_score(source_modes, warm.source_labels),
-                 "ari_target_vs_truth": adjusted_rand_score(target_modes, warm.target_labels),
-                 "mode_matches": mode_matches(warm)})
+    warm = cluster_sketches(
+        sketch(moved),
+        sketch(target),
+        k,
+        settings_new.replace(tsne_warm_start=True),
+        init_embedding=results["new"].embedding,
+    )
+    rows.append(
+        {
+            "round": "new, warm-started on moved features",
+            "seconds": time.perf_counter() - start,
+            "ari_source_vs_truth": adjusted_rand_score(source_modes, warm.source_labels),
+            "ari_target_vs_truth": adjusted_rand_score(target_modes, warm.target_labels),
+            "mode_matches": mode_matches(warm),
+        }
+    )
     for row in rows:
         row["identical_matches"] = row["mode_matches"] == rows[0]["mode_matches"] == {m: m for m in range(k)}
     return rows
@@ -226,15 +262,21 @@ def move_network(network, source, target, result, steps: int, device):
     from aiva_monai.losses import AIVALoss
 
     trainer = AIVATrainer(
-        device=device, max_epochs=1, epoch_length=steps, network=network,
+        device=device,
+        max_epochs=1,
+        epoch_length=steps,
+        network=network,
         train_data_loader=DataLoader(source, batch_size=8, sampler=SeededEndlessSampler(source, seed=0)),
         target_data_loader=DataLoader(target, batch_size=8, sampler=SeededEndlessSampler(target, seed=0)),
-        optimizer=torch.optim.Adam(network.parameters(), 1e-4), loss_function=AIVALoss(calibration_iterations=10),
+        optimizer=torch.optim.Adam(network.parameters(), 1e-4),
+        loss_function=AIVALoss(calibration_iterations=10),
         decollate=False,
     )
     from ignite.engine import Events
 
-    assignment = ClusterAssignment(torch.as_tensor(result.target_labels), result.source_means.to(device), torch.as_tensor(result.match), 1)
+    assignment = ClusterAssignment(
+        torch.as_tensor(result.target_labels), result.source_means.to(device), torch.as_tensor(result.match), 1
+    )
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: setattr(e.state, "aiva_assignment", assignment))
     start = time.perf_counter()
     trainer.run()
@@ -259,20 +301,39 @@ def step_rates(network, source, target, result, steps: int, warmup: int, device,
     from aiva_monai.losses import AIVALoss
     from aiva_monai.optim import trainable_parameters
 
-    frozen = ConfigParser.load_config_file(REPOSITORY / "bundles" / "aiva_brain" / "configs" / "train.json")["frozen_modules"]
+    frozen = ConfigParser.load_config_file(REPOSITORY / "bundles" / "aiva_brain" / "configs" / "train.json")[
+        "frozen_modules"
+    ]
     loader = lambda data, seed: DataLoader(data, batch_size=8, sampler=SeededEndlessSampler(data, seed=seed))  # noqa: E731
-    assignment = ClusterAssignment(torch.as_tensor(result.target_labels), result.source_means.to(device), torch.as_tensor(result.match), 1)
+    assignment = ClusterAssignment(
+        torch.as_tensor(result.target_labels), result.source_means.to(device), torch.as_tensor(result.match), 1
+    )
 
     def build(kind):
         net = copy.deepcopy(network).to(device)
         optimizer = torch.optim.Adam(trainable_parameters(net, frozen), 1e-4)
         if kind == "plain":
-            return SupervisedTrainer(device=device, max_epochs=1, epoch_length=warmup + steps, train_data_loader=loader(source, 0),
-                                     network=net, optimizer=optimizer, decollate=False,
-                                     loss_function=DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.0, lambda_ce=1.0))
-        trainer = AIVATrainer(device=device, max_epochs=1, epoch_length=warmup + steps, network=net, optimizer=optimizer,
-                              train_data_loader=loader(source, 0), target_data_loader=loader(target, 1),
-                              loss_function=AIVALoss(calibration_iterations=warmup), decollate=False)
+            return SupervisedTrainer(
+                device=device,
+                max_epochs=1,
+                epoch_length=warmup + steps,
+                train_data_loader=loader(source, 0),
+                network=net,
+                optimizer=optimizer,
+                decollate=False,
+                loss_function=DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.0, lambda_ce=1.0),
+            )
+        trainer = AIVATrainer(
+            device=device,
+            max_epochs=1,
+            epoch_length=warmup + steps,
+            network=net,
+            optimizer=optimizer,
+            train_data_loader=loader(source, 0),
+            target_data_loader=loader(target, 1),
+            loss_function=AIVALoss(calibration_iterations=warmup),
+            decollate=False,
+        )
         trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: setattr(e.state, "aiva_assignment", assignment))
         return trainer
 
@@ -281,7 +342,9 @@ def step_rates(network, source, target, result, steps: int, warmup: int, device,
         for kind in seconds:
             trainer = build(kind)
             marks = []
-            trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: (sync(device), marks.append(time.perf_counter())))
+            trainer.add_event_handler(
+                Events.ITERATION_COMPLETED, lambda e: (sync(device), marks.append(time.perf_counter()))
+            )
             trainer.run()
             if kind == "aiva":
                 trainer.bottleneck_tap.remove()
@@ -300,8 +363,16 @@ def warm_start(network, source, target, first, settings, device) -> list[dict]:
     try:
         for name, init in (("from scratch", None), ("warm-started", first.embedding)):
             start = time.perf_counter()
-            results[name] = cluster_embedded(embedded, 12, settings.replace(tsne_warm_start=init is not None), init_embedding=init)
-            rows.append({"t-SNE": name, "seconds": time.perf_counter() - start, **{f"{k}_s": v for k, v in results[name].timings.items()}})
+            results[name] = cluster_embedded(
+                embedded, 12, settings.replace(tsne_warm_start=init is not None), init_embedding=init
+            )
+            rows.append(
+                {
+                    "t-SNE": name,
+                    "seconds": time.perf_counter() - start,
+                    **{f"{k}_s": v for k, v in results[name].timings.items()},
+                }
+            )
     finally:
         embedded.close()
     rows[1].update(agreement(results["warm-started"], results["from scratch"]))
@@ -310,7 +381,9 @@ def warm_start(network, source, target, first, settings, device) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=os.environ.get("AIVA_IXI_ROOT", str(REPOSITORY.parent / "shared" / "data" / "ixi_hh")))
+    parser.add_argument(
+        "--data", default=os.environ.get("AIVA_IXI_ROOT", str(REPOSITORY.parent / "shared" / "data" / "ixi_hh"))
+    )
     parser.add_argument("--source-subjects", type=int, default=80)
     parser.add_argument("--target-subjects", type=int, default=15)
     parser.add_argument("--device", default="cpu")
@@ -321,8 +394,12 @@ def main() -> None:
     parser.add_argument("--speed-slices", type=int, default=512)
     parser.add_argument("--speed-repeats", type=int, default=3)
     parser.add_argument("--skip-today", action="store_true", help="only the new round (no comparison)")
-    parser.add_argument("--warm-steps", type=int, default=50, help="AIVA steps before the warm-start comparison (0: skip)")
-    parser.add_argument("--rate-steps", type=int, default=20, help="timed training steps per loop for steps/s (0: skip)")
+    parser.add_argument(
+        "--warm-steps", type=int, default=50, help="AIVA steps before the warm-start comparison (0: skip)"
+    )
+    parser.add_argument(
+        "--rate-steps", type=int, default=20, help="timed training steps per loop for steps/s (0: skip)"
+    )
     parser.add_argument("--rate-warmup", type=int, default=3, help="untimed steps before them")
     parser.add_argument("--json", default=None, help="write every number here")
     args = parser.parse_args()
@@ -342,15 +419,26 @@ def main() -> None:
     load = os.getloadavg()
     start = time.perf_counter()
     source, target = datasets(args)
-    print(f"data: {len(source)} source slices ({args.source_subjects} subjects) + {len(target)} target slices "
-          f"({args.target_subjects} subjects, simulated scanner 'strong'), 128 x 128, cached in {time.perf_counter() - start:.0f} s")
+    print(
+        f"data: {len(source)} source slices ({args.source_subjects} subjects) + {len(target)} target slices "
+        f"({args.target_subjects} subjects, simulated scanner 'strong'), 128 x 128, "
+        f"cached in {time.perf_counter() - start:.0f} s"
+    )
     network = PreActResUNet()
-    network.load_state_dict(torch.load(REPOSITORY / "bundles" / "aiva_brain" / "models" / "model.pt", map_location="cpu", weights_only=True))
+    network.load_state_dict(
+        torch.load(REPOSITORY / "bundles" / "aiva_brain" / "models" / "model.pt", map_location="cpu", weights_only=True)
+    )
     network.to(args.device)
     new = ClusteringSettings(batch_size=args.batch, n_jobs=args.tsne_jobs)
     today = new.replace(**TODAY)
-    report = {"machine": f"{os.cpu_count()} CPUs, load average at start {load[0]:.1f}", "threads": args.threads,
-              "tsne_jobs": args.tsne_jobs, "device": args.device, "n_source": len(source), "n_target": len(target)}
+    report = {
+        "machine": f"{os.cpu_count()} CPUs, load average at start {load[0]:.1f}",
+        "threads": args.threads,
+        "tsne_jobs": args.tsne_jobs,
+        "device": args.device,
+        "n_source": len(source),
+        "n_target": len(target),
+    }
 
     speed = embedding_speed(network, source, args.device, args.batch, args.speed_slices, args.speed_repeats)
     report["embedding_ms_per_slice"] = speed
@@ -358,54 +446,91 @@ def main() -> None:
     rounds = {"new": one_round("new", network, source, target, new, args.device, silences, args.amp)}
     if not args.skip_today:
         rounds["today"] = one_round("today", network, source, target, today, args.device, silences, args.amp)
-    report["rounds"] = {name: {**{k: float(v) for k, v in r.timings.items()}, **info} for name, (r, info) in rounds.items()}
+    report["rounds"] = {
+        name: {**{k: float(v) for k, v in r.timings.items()}, **info} for name, (r, info) in rounds.items()
+    }
     if "today" in rounds:
         report["agreement"] = agreement(rounds["new"][0], rounds["today"][0])
     report["planted"] = planted(today, new)
     if args.rate_steps:
-        report["seconds_per_step"] = step_rates(network, source, target, rounds["new"][0], args.rate_steps, args.rate_warmup, args.device)
+        report["seconds_per_step"] = step_rates(
+            network, source, target, rounds["new"][0], args.rate_steps, args.rate_warmup, args.device
+        )
     if args.warm_steps:
         report["moved_by_steps"] = args.warm_steps
         report["move_seconds"] = move_network(network, source, target, rounds["new"][0], args.warm_steps, args.device)
         report["warm_start"] = warm_start(network, source, target, rounds["new"][0], new, args.device)
     report["load_average_end"] = os.getloadavg()[0]
 
-    print(f"\n## IXI-HH, bundle geometry: {len(source)} + {len(target)} slices of 128 x 128; device {args.device}; "
-          f"{args.threads} torch thread(s), openTSNE n_jobs {args.tsne_jobs}; {report['machine']}, at the end {report['load_average_end']:.1f}\n")
+    print(
+        f"\n## IXI-HH, bundle geometry: {len(source)} + {len(target)} slices of 128 x 128; device {args.device}; "
+        f"{args.threads} torch thread(s), openTSNE n_jobs {args.tsne_jobs}; {report['machine']}, "
+        f"at the end {report['load_average_end']:.1f}\n"
+    )
     full = speed["full forward (today)"]
     print("| embedding pass | ms per slice | speed-up vs full forward |\n|---|---|---|")
     for name, ms in speed.items():
         print(f"| {name} | {ms:.1f} | {full / ms:.2f} x |")
     stages = ["embed", "pca", "tsne", "kmeans", "match", "means"]
-    print("\n| round | " + " | ".join(f"{s} s" for s in stages) + " | total s | peak extra memory MB | longest log silence s |")
+    print(
+        "\n| round | "
+        + " | ".join(f"{s} s" for s in stages)
+        + " | total s | peak extra memory MB | longest log silence s |"
+    )
     print("|---|" + "---|" * (len(stages) + 3))
     for name, row in report["rounds"].items():
-        print(f"| {name} | " + " | ".join(f"{row.get(s, 0.0):.1f}" for s in stages)
-              + f" | {row['wall']:.1f} | {row['extra_mb']:.0f} | {row['longest_silence']:.1f} |")
+        print(
+            f"| {name} | "
+            + " | ".join(f"{row.get(s, 0.0):.1f}" for s in stages)
+            + f" | {row['wall']:.1f} | {row['extra_mb']:.0f} | {row['longest_silence']:.1f} |"
+        )
     if "today" in report["rounds"]:
         a = report["agreement"]
-        print(f"\nnew vs today: {report['rounds']['today']['wall'] / report['rounds']['new']['wall']:.1f} x faster end to end; "
-              f"ARI target clusters {a['ari_target']:.3f}, source clusters {a['ari_source']:.3f}; "
-              f"matched pairs that correspond: {a['matches_agreeing']}/12")
-    print("\n| planted modes (12 x 100 per site, 4,096 features) | seconds | ARI source vs truth | ARI target vs truth | matches = true mode pairs |\n|---|---|---|---|---|")
+        print(
+            f"\nnew vs today: {report['rounds']['today']['wall'] / report['rounds']['new']['wall']:.1f} x "
+            "faster end to end; "
+            f"ARI target clusters {a['ari_target']:.3f}, source clusters {a['ari_source']:.3f}; "
+            f"matched pairs that correspond: {a['matches_agreeing']}/12"
+        )
+    print(
+        "\n| planted modes (12 x 100 per site, 4,096 features) | seconds | ARI source vs truth | ARI target vs truth "
+        "| matches = true mode pairs |\n|---|---|---|---|---|"
+    )
     for row in report["planted"]:
-        print(f"| {row['round']} | {row['seconds']:.1f} | {row['ari_source_vs_truth']:.3f} | {row['ari_target_vs_truth']:.3f} | {row['identical_matches']} |")
+        print(
+            f"| {row['round']} | {row['seconds']:.1f} | {row['ari_source_vs_truth']:.3f} | "
+            f"{row['ari_target_vs_truth']:.3f} | {row['identical_matches']} |"
+        )
     if args.rate_steps:
         per_step = report["seconds_per_step"]
-        print(f"\ntraining steps (batch 8, AIVA 8 + 8; train.json's trainable parameters; mean of 2 alternated runs of "
-              f"{args.rate_steps} timed steps): plain fine-tuning {1 / per_step['plain']:.3f} steps/s, AIVA {1 / per_step['aiva']:.3f} "
-              f"steps/s, AIVA / plain {per_step['plain'] / per_step['aiva']:.2f}\n")
-        print("| round | round s | 1,000 AIVA steps s | clustering share of AIVA wall time (a round every 1,000 steps) |\n|---|---|---|---|")
+        print(
+            f"\ntraining steps (batch 8, AIVA 8 + 8; train.json's trainable parameters; mean of 2 alternated runs of "
+            f"{args.rate_steps} timed steps): plain fine-tuning {1 / per_step['plain']:.3f} steps/s, "
+            f"AIVA {1 / per_step['aiva']:.3f} "
+            f"steps/s, AIVA / plain {per_step['plain'] / per_step['aiva']:.2f}\n"
+        )
+        print(
+            "| round | round s | 1,000 AIVA steps s "
+            "| clustering share of AIVA wall time (a round every 1,000 steps) |\n|---|---|---|---|"
+        )
         for name, row in report["rounds"].items():
             training = 1000 * per_step["aiva"]
             report["rounds"][name]["share_at_1000_steps"] = row["wall"] / (row["wall"] + training)
-            print(f"| {name} | {row['wall']:.1f} | {training:.0f} | {100 * row['wall'] / (row['wall'] + training):.1f} % |")
+            print(
+                f"| {name} | {row['wall']:.1f} | {training:.0f} | "
+                f"{100 * row['wall'] / (row['wall'] + training):.1f} % |"
+            )
     if args.warm_steps:
         print(f"\nwarm start after {args.warm_steps} AIVA steps ({report['move_seconds']:.0f} s), same sketches:\n")
-        print("| t-SNE | clustering s (pca + tsne + kmeans + match) | tsne s | ARI target vs from scratch | ARI source | matched pairs that correspond |\n|---|---|---|---|---|---|")
+        print(
+            "| t-SNE | clustering s (pca + tsne + kmeans + match) | tsne s | ARI target vs from scratch | ARI source "
+            "| matched pairs that correspond |\n|---|---|---|---|---|---|"
+        )
         for row in report["warm_start"]:
-            print(f"| {row['t-SNE']} | {row['seconds']:.1f} | {row['tsne_s']:.1f} | {row.get('ari_target', 1.0):.3f} | "
-                  f"{row.get('ari_source', 1.0):.3f} | {row.get('matches_agreeing', 12)}/12 |")
+            print(
+                f"| {row['t-SNE']} | {row['seconds']:.1f} | {row['tsne_s']:.1f} | {row.get('ari_target', 1.0):.3f} | "
+                f"{row.get('ari_source', 1.0):.3f} | {row.get('matches_agreeing', 12)}/12 |"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))
 

@@ -29,7 +29,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kB
 
 
-def single(n: int, shape: tuple, batch_size: int, n_clusters: int, tsne_method: str, seed: int, pca_device=None) -> dict:
+def single(
+    n: int, shape: tuple, batch_size: int, n_clusters: int, tsne_method: str, seed: int, pca_device=None
+) -> dict:
     import numpy as np
     import psutil
     import torch
@@ -65,7 +67,9 @@ def single(n: int, shape: tuple, batch_size: int, n_clusters: int, tsne_method: 
             timings["project"] += time.perf_counter() - start
         sketches.append(torch.cat(rows).numpy())
 
-    result = cluster_sketches(sketches[0], sketches[1], n_clusters, tsne_method=tsne_method, seed=seed, pca_device=pca_device)
+    result = cluster_sketches(
+        sketches[0], sketches[1], n_clusters, tsne_method=tsne_method, seed=seed, pca_device=pca_device
+    )
     timings.update({stage: result.timings[stage] for stage in ("pca", "tsne", "kmeans", "match")})
 
     accumulator = ClusterMeanAccumulator(n_clusters, n_features)
@@ -96,26 +100,45 @@ def main() -> None:
     parser.add_argument("--clusters", type=int, default=12)
     parser.add_argument("--tsne-method", default="opentsne", choices=["opentsne", "sklearn"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pca-device", default=None, help="e.g. cuda: the PCA with torch on that device (default: scikit-learn on CPU)")
+    parser.add_argument(
+        "--pca-device", default=None, help="e.g. cuda: the PCA with torch on that device (default: scikit-learn on CPU)"
+    )
     parser.add_argument("--csv", help="also write the table to this CSV file")
     parser.add_argument("--single", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.single is not None:
-        row = single(args.single, tuple(args.shape), args.batch_size, args.clusters, args.tsne_method, args.seed, args.pca_device)
+        row = single(
+            args.single, tuple(args.shape), args.batch_size, args.clusters, args.tsne_method, args.seed, args.pca_device
+        )
         print(json.dumps(row))
         return
 
     rows = []
     columns = ["n", *STAGES, "total_without_generate", "extra_mb", "full_float32_mb"]
-    print(f"AIVA clustering round, bottleneck {'x'.join(map(str, args.shape))}, k={args.clusters}, "
-          f"t-SNE {args.tsne_method}, {os.cpu_count()} CPUs; seconds per stage, host memory in MB")
+    print(
+        f"AIVA clustering round, bottleneck {'x'.join(map(str, args.shape))}, k={args.clusters}, "
+        f"t-SNE {args.tsne_method}, {os.cpu_count()} CPUs; seconds per stage, host memory in MB"
+    )
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for n in args.sizes:
-        command = [sys.executable, __file__, "--single", str(n), "--shape", *map(str, args.shape), "--batch-size",
-                   str(args.batch_size), "--clusters", str(args.clusters), "--tsne-method", args.tsne_method,
-                   "--seed", str(args.seed)] + (["--pca-device", args.pca_device] if args.pca_device else [])
+        command = [
+            sys.executable,
+            __file__,
+            "--single",
+            str(n),
+            "--shape",
+            *map(str, args.shape),
+            "--batch-size",
+            str(args.batch_size),
+            "--clusters",
+            str(args.clusters),
+            "--tsne-method",
+            args.tsne_method,
+            "--seed",
+            str(args.seed),
+        ] + (["--pca-device", args.pca_device] if args.pca_device else [])
         completed = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", check=True)
         row = json.loads(completed.stdout.strip().splitlines()[-1])
         rows.append(row)

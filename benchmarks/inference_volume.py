@@ -39,7 +39,9 @@ def make_volume(path: Path, shape: tuple[int, int, int], seed: int = 0) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", type=int, nargs=3, default=[256, 256, 256])
-    parser.add_argument("--repeats", type=int, default=2, help="bundle runs on the same volume (the first includes warm-up)")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="bundle runs on the same volume (the first includes warm-up)"
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
@@ -54,21 +56,34 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    name = torch.cuda.get_device_name(0) if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores visible"
+    name = (
+        torch.cuda.get_device_name(0)
+        if device.startswith("cuda")
+        else f"CPU, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores visible"
+    )
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         volume = folder / "subject.nii.gz"
         start = time.perf_counter()
         make_volume(volume, tuple(args.shape))
-        print(f"synthetic volume {tuple(args.shape)} at 1 mm written in {time.perf_counter() - start:.1f} s (not timed below)")
+        print(
+            f"synthetic volume {tuple(args.shape)} at 1 mm written in {time.perf_counter() - start:.1f} s "
+            "(not timed below)"
+        )
         for repeat in range(args.repeats):
             output = folder / f"out{repeat}"
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            run(config_file=str(CONFIGS / "inference.json"), dataset_dir=str(volume), output_dir=str(output),
-                device=f"$torch.device('{device}')", amp=device.startswith("cuda"), progress=False)
+            run(
+                config_file=str(CONFIGS / "inference.json"),
+                dataset_dir=str(volume),
+                output_dir=str(output),
+                device=f"$torch.device('{device}')",
+                amp=device.startswith("cuda"),
+                progress=False,
+            )
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             wall = time.perf_counter() - start
@@ -78,9 +93,14 @@ def main() -> None:
             case_time = float(row.get("seconds") or "nan")
             rows.append((repeat + 1, wall, case_time, row.get("status", "?")))
     print()
-    print(f"device: {device} ({name}); volume {args.shape[0]}x{args.shape[1]}x{args.shape[2]} at 1 mm; python + torch + MONAI imports {imports:.1f} s (not included)")
+    print(
+        f"device: {device} ({name}); volume {args.shape[0]}x{args.shape[1]}x{args.shape[2]} at 1 mm; "
+        f"python + torch + MONAI imports {imports:.1f} s (not included)"
+    )
     print()
-    print("| run | bundle run wall s (parse + read + infer + write mask/PNG/CSV) | case time s (summary.csv) | status |")
+    print(
+        "| run | bundle run wall s (parse + read + infer + write mask/PNG/CSV) | case time s (summary.csv) | status |"
+    )
     print("|---|---|---|---|")
     for repeat, wall, case_time, status in rows:
         print(f"| {repeat} | {wall:.2f} | {case_time:.2f} | {status} |")

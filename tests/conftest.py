@@ -3,7 +3,9 @@ from pathlib import Path
 
 import pytest
 
-IXI_ROOT = Path(os.environ.get("AIVA_IXI_ROOT", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ixi_hh"))
+IXI_ROOT = Path(
+    os.environ.get("AIVA_IXI_ROOT", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ixi_hh")
+)
 
 
 @pytest.fixture(scope="session")

@@ -17,13 +17,15 @@ def attach(trainer, clustering_handler, folder):
     @trainer.on(Events.EPOCH_STARTED)
     def _clustering(engine):
         result = clustering_handler.clustering
-        record["clusterings"].append({
-            "epoch": engine.state.epoch,
-            "source_labels": np.asarray(result.source_labels).copy(),
-            "target_labels": np.asarray(result.target_labels).copy(),
-            "match": np.asarray(result.match).copy(),
-            "source_means": result.source_means.detach().cpu().clone(),
-        })
+        record["clusterings"].append(
+            {
+                "epoch": engine.state.epoch,
+                "source_labels": np.asarray(result.source_labels).copy(),
+                "target_labels": np.asarray(result.target_labels).copy(),
+                "match": np.asarray(result.match).copy(),
+                "source_means": result.source_means.detach().cpu().clone(),
+            }
+        )
 
     @trainer.on(Events.ITERATION_COMPLETED)
     def _iteration(engine):
@@ -33,7 +35,9 @@ def attach(trainer, clustering_handler, folder):
     @trainer.on(Events.EPOCH_COMPLETED)
     def _weights(engine):
         network = engine.network.module if hasattr(engine.network, "module") else engine.network
-        record.setdefault("weights_by_epoch", {})[engine.state.epoch] = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
+        record.setdefault("weights_by_epoch", {})[engine.state.epoch] = {
+            k: v.detach().cpu().clone() for k, v in network.state_dict().items()
+        }
 
     @trainer.on(Events.COMPLETED)
     def _save(engine):

@@ -20,12 +20,29 @@ def synthetic_site(n, size=16, contrast=1.0, seed=0):
         x, y = rng.integers(0, size - width, 2)
         label[0, x : x + width, y : y + width] = 1
         image = (label * 0.8 + rng.normal(scale=0.1, size=label.shape)) * contrast
-        samples.append({"image": torch.from_numpy(image.astype(np.float32)), "label": torch.from_numpy(label), "index": index})
+        samples.append(
+            {"image": torch.from_numpy(image.astype(np.float32)), "label": torch.from_numpy(label), "index": index}
+        )
     return samples
 
 
-def make_trainer(source, target, *, max_epochs=2, epoch_length=3, n_clusters=3, seed=0, interval=1, channels=(4, 8, 16),
-                 calibration_iterations=2, tsne_method="sklearn", batch_size=4, lr=1e-2, network=None, handler_options=None):
+def make_trainer(
+    source,
+    target,
+    *,
+    max_epochs=2,
+    epoch_length=3,
+    n_clusters=3,
+    seed=0,
+    interval=1,
+    channels=(4, 8, 16),
+    calibration_iterations=2,
+    tsne_method="sklearn",
+    batch_size=4,
+    lr=1e-2,
+    network=None,
+    handler_options=None,
+):
     """An AIVATrainer with its clustering handler, fully seeded."""
     torch.manual_seed(seed)
     network = network or PreActResUNet(channels=channels, blocks_per_level=1)
@@ -34,15 +51,26 @@ def make_trainer(source, target, *, max_epochs=2, epoch_length=3, n_clusters=3, 
         device="cpu",
         max_epochs=max_epochs,
         epoch_length=epoch_length,
-        train_data_loader=DataLoader(source, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)),
-        target_data_loader=DataLoader(target, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed + 1)),
+        train_data_loader=DataLoader(
+            source, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
+        ),
+        target_data_loader=DataLoader(
+            target, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed + 1)
+        ),
         network=network,
         optimizer=optimizer,
         loss_function=AIVALoss(calibration_iterations=calibration_iterations),
         decollate=False,
     )
     handler = AIVAClusteringHandler(
-        source, target, n_clusters=n_clusters, interval=interval, batch_size=8, tsne_method=tsne_method, seed=seed, progress=False,
+        source,
+        target,
+        n_clusters=n_clusters,
+        interval=interval,
+        batch_size=8,
+        tsne_method=tsne_method,
+        seed=seed,
+        progress=False,
         **(handler_options or {}),
     )
     handler.attach(trainer)

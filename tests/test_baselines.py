@@ -136,7 +136,9 @@ def test_adabn_on_the_bundle_network_changes_every_batchnorm_and_no_parameter():
     assert network_def["_target_"] == "aiva_monai.networks.PreActResUNet"
     assert network_def.get("norm", "batch") == "batch"  # AdaBN is meaningful for the shipped network
     torch.manual_seed(0)
-    net = PreActResUNet(channels=(4, 8, 16), blocks_per_level=1, **{k: v for k, v in network_def.items() if k in ("norm",)})
+    net = PreActResUNet(
+        channels=(4, 8, 16), blocks_per_level=1, **{k: v for k, v in network_def.items() if k in ("norm",)}
+    )
     layers = batchnorm_layers(net)
     assert layers and all(isinstance(m, nn.BatchNorm2d) for _, m in layers)
     assert not any(isinstance(m, nn.modules.instancenorm._InstanceNorm) for m in net.modules())
@@ -165,7 +167,9 @@ def test_adabn_refuses_networks_without_running_batchnorm_statistics_and_keeps_s
     stats = (net.bn.running_mean.clone(), net.bn.running_var.clone(), net.bn.num_batches_tracked.clone())
     with pytest.raises(ValueError, match="no batch"):
         adapt_batchnorm(net, [])
-    assert all(torch.equal(a, b) for a, b in zip(stats, (net.bn.running_mean, net.bn.running_var, net.bn.num_batches_tracked)))
+    assert all(
+        torch.equal(a, b) for a, b in zip(stats, (net.bn.running_mean, net.bn.running_var, net.bn.num_batches_tracked))
+    )
     assert net.bn.momentum == 0.1 and net.training
 
 
@@ -256,7 +260,9 @@ def test_adaptsegnet_updates_each_network_only_through_its_own_optimiser():
             + F.binary_cross_entropy_with_logits(out_t, torch.ones_like(out_t))
         )
         loss.backward()
-        d_grad_checks.append(all(torch.allclose(a.grad, b.grad, atol=1e-7) for a, b in zip(fresh.parameters(), disc.parameters())))
+        d_grad_checks.append(
+            all(torch.allclose(a.grad, b.grad, atol=1e-7) for a, b in zip(fresh.parameters(), disc.parameters()))
+        )
 
     original_d_step = d_opt.step
 
@@ -268,7 +274,12 @@ def test_adaptsegnet_updates_each_network_only_through_its_own_optimiser():
     outputs = []
     trainer.add_event_handler(
         Events.ITERATION_COMPLETED,
-        lambda e: outputs.append({k: float(torch.as_tensor(e.state.output[k]).detach()) for k in ("loss", "seg_loss", "adv_loss", "disc_loss")}),
+        lambda e: outputs.append(
+            {
+                k: float(torch.as_tensor(e.state.output[k]).detach())
+                for k in ("loss", "seg_loss", "adv_loss", "disc_loss")
+            }
+        ),
     )
     trainer.run()
 
@@ -298,7 +309,13 @@ def test_adaptsegnet_rejects_shared_optimisers_and_checkpoints_its_discriminator
         AdaptSegNetTrainer("cpu", 1, loader(source, 0), loader(target, 1), net, both, disc)
     with pytest.raises(ValueError, match="not the discriminator's"):
         AdaptSegNetTrainer(
-            "cpu", 1, loader(source, 0), loader(target, 1), net, torch.optim.SGD(net.parameters(), lr=0.1), disc,
+            "cpu",
+            1,
+            loader(source, 0),
+            loader(target, 1),
+            net,
+            torch.optim.SGD(net.parameters(), lr=0.1),
+            disc,
             discriminator_optimizer=torch.optim.Adam(net.parameters()),
         )
 
@@ -309,8 +326,17 @@ def test_adaptsegnet_rejects_shared_optimisers_and_checkpoints_its_discriminator
         sched = torch.optim.lr_scheduler.PolynomialLR(d_opt, total_iters=10, power=0.9)
         n = PreActResUNet(channels=(4, 8), blocks_per_level=1)
         return AdaptSegNetTrainer(
-            "cpu", 1, loader(source, 0), loader(target, 1), n, torch.optim.SGD(n.parameters(), lr=0.01), d,
-            discriminator_optimizer=d_opt, discriminator_lr_scheduler=sched, epoch_length=2, decollate=False,
+            "cpu",
+            1,
+            loader(source, 0),
+            loader(target, 1),
+            n,
+            torch.optim.SGD(n.parameters(), lr=0.01),
+            d,
+            discriminator_optimizer=d_opt,
+            discriminator_lr_scheduler=sched,
+            epoch_length=2,
+            decollate=False,
         )
 
     trainer = build(0)
@@ -354,7 +380,10 @@ def test_jdot_plan_is_the_exact_optimum_with_uniform_marginals():
         fs, ft, ys, pt = random_batch(3, 3, seed)
         plan, cost = jdot_plan(fs, ft, ys, pt, alpha, beta)
         expected = torch.tensor(
-            [[alpha * ((fs[i] - ft[j]) ** 2).sum() + beta * ((ys[i] - pt[j]) ** 2).sum() for j in range(3)] for i in range(3)]
+            [
+                [alpha * ((fs[i] - ft[j]) ** 2).sum() + beta * ((ys[i] - pt[j]) ** 2).sum() for j in range(3)]
+                for i in range(3)
+            ]
         )
         torch.testing.assert_close(cost, expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(plan.sum(1), torch.full((3,), 1 / 3))
@@ -393,8 +422,12 @@ def test_segjdot_loss_differentiates_the_cost_with_the_plan_held_constant():
     loss.backward()
     # d/d f_t[j] of sum_ij plan_ij * alpha * ||f_s[i] - f_t[j]||^2 = 2 alpha sum_i plan_ij (f_t[j] - f_s[i])
     p = plan.detach()
-    expected_t = 2 * alpha * (p.sum(0)[:, None, None, None] * ft.detach() - torch.einsum("ij,i...->j...", p, fs.detach()))
-    expected_s = 2 * alpha * (p.sum(1)[:, None, None, None] * fs.detach() - torch.einsum("ij,j...->i...", p, ft.detach()))
+    expected_t = (
+        2 * alpha * (p.sum(0)[:, None, None, None] * ft.detach() - torch.einsum("ij,i...->j...", p, fs.detach()))
+    )
+    expected_s = (
+        2 * alpha * (p.sum(1)[:, None, None, None] * fs.detach() - torch.einsum("ij,j...->i...", p, ft.detach()))
+    )
     torch.testing.assert_close(ft.grad, expected_t, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(fs.grad, expected_s, rtol=1e-4, atol=1e-6)
 
@@ -426,7 +459,9 @@ def test_segjdot_trainer_adds_the_transport_loss_to_the_segmentation_loss():
     outputs = []
     trainer.add_event_handler(
         Events.ITERATION_COMPLETED,
-        lambda e: outputs.append({k: float(torch.as_tensor(e.state.output[k]).detach()) for k in ("loss", "seg_loss", "jdot_loss")}),
+        lambda e: outputs.append(
+            {k: float(torch.as_tensor(e.state.output[k]).detach()) for k in ("loss", "seg_loss", "jdot_loss")}
+        ),
     )
     trainer.run()
     assert feature_shapes == [torch.Size([4, 8, 8, 8])] * 3  # the bottleneck: 8 channels at 16 / 2
@@ -444,7 +479,13 @@ def test_segjdot_trainer_adds_the_transport_loss_to_the_segmentation_loss():
     torch.manual_seed(0)
     net = PreActResUNet(channels=(4, 8), blocks_per_level=1)
     plain = OracleTrainer(  # a plain SupervisedTrainer with the same loss, here on the source batches
-        "cpu", 1, loader(source, 0), net, torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9), epoch_length=3, decollate=False
+        "cpu",
+        1,
+        loader(source, 0),
+        net,
+        torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9),
+        epoch_length=3,
+        decollate=False,
     )
     plain.run()
     assert float(zero.state.output["jdot_loss"]) == 0.0
@@ -497,12 +538,22 @@ def test_oracle_is_the_only_reader_of_target_labels():
     _, target = sites(8)
     torch.manual_seed(0)
     net = PreActResUNet(channels=(4, 8), blocks_per_level=1)
-    oracle = OracleTrainer("cpu", 1, loader(target, 0), net, torch.optim.SGD(net.parameters(), lr=0.05), epoch_length=2, decollate=False)
+    oracle = OracleTrainer(
+        "cpu", 1, loader(target, 0), net, torch.optim.SGD(net.parameters(), lr=0.05), epoch_length=2, decollate=False
+    )
     assert OracleTrainer.reads_target_labels and oracle.state.reads_target_labels
     before = snapshot(net)
     oracle.run()
     assert not same(before, snapshot(net))  # it trains on the target slices and their labels
     # the guard used above does catch a reader: the oracle trips it
-    oracle = OracleTrainer("cpu", 1, GuardedLoader(loader(target, 0)), net, torch.optim.SGD(net.parameters(), lr=0.05), epoch_length=2, decollate=False)
+    oracle = OracleTrainer(
+        "cpu",
+        1,
+        GuardedLoader(loader(target, 0)),
+        net,
+        torch.optim.SGD(net.parameters(), lr=0.05),
+        epoch_length=2,
+        decollate=False,
+    )
     with pytest.raises(AssertionError, match="target label was read"):
         oracle.run()

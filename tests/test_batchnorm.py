@@ -102,8 +102,9 @@ def test_site_statistics_normalise_source_slices_with_the_source_set(mode):
         for (_, m), saved in zip(batchnorm_layers(source_copy), bn.source_set):
             m.running_mean.copy_(saved["running_mean"])
             m.running_var.copy_(saved["running_var"])
-    source_copy.load_state_dict({k: v for k, v in network.state_dict().items() if "running" not in k and "num_batches" not in k},
-                                strict=False)
+    source_copy.load_state_dict(
+        {k: v for k, v in network.state_dict().items() if "running" not in k and "num_batches" not in k}, strict=False
+    )
     target_before = _stats(network)
     with torch.no_grad(), bn.site_statistics("source"):
         source_out = network(SOURCE)
@@ -131,8 +132,10 @@ def test_state_dict_round_trip_and_mode_check():
     state = bn.state_dict()
     restored = AdaptationBatchNorm(_network(), "per_site")
     restored.load_state_dict(state)
-    assert _same([(s["running_mean"], s["running_var"]) for s in restored.source_set],
-                 [(s["running_mean"], s["running_var"]) for s in bn.source_set])
+    assert _same(
+        [(s["running_mean"], s["running_var"]) for s in restored.source_set],
+        [(s["running_mean"], s["running_var"]) for s in bn.source_set],
+    )
     with pytest.raises(ValueError, match="batchnorm mode"):
         AdaptationBatchNorm(_network(), "target").load_state_dict(state)
     with pytest.raises(ValueError, match="batchnorm mode must be"):

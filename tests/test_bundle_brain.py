@@ -32,7 +32,9 @@ def test_metadata_is_valid_against_the_shipped_schema():
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "background", "1": "brain"}
 
 
-@pytest.mark.parametrize("config, kind", [("pretrain.json", "train"), ("train.json", "train"), ("inference.json", "infer")])
+@pytest.mark.parametrize(
+    "config, kind", [("pretrain.json", "train"), ("train.json", "train"), ("inference.json", "infer")]
+)
 def test_configs_parse_and_have_the_model_zoo_properties(config, kind, tmp_path):
     overrides = {"output_dir": str(tmp_path)}
     if kind == "infer":
@@ -70,8 +72,10 @@ def ixi_tiny(ixi_root, tmp_path_factory):
         "default_target_site": shipped["default_target_site"],
         "training": source + target,
         # one target validation subject: its images (never its label) are the held-out slices of label-free selection
-        "validation": [e for e in shipped["validation"] if e["site"] == "ixi_hh"][:1] + [e for e in shipped["validation"] if e["site"] != "ixi_hh"][:1],
-        "test": [e for e in shipped["test"] if e["site"] == "ixi_hh"][:1] + [e for e in shipped["test"] if e["site"] != "ixi_hh"][:1],
+        "validation": [e for e in shipped["validation"] if e["site"] == "ixi_hh"][:1]
+        + [e for e in shipped["validation"] if e["site"] != "ixi_hh"][:1],
+        "test": [e for e in shipped["test"] if e["site"] == "ixi_hh"][:1]
+        + [e for e in shipped["test"] if e["site"] != "ixi_hh"][:1],
     }
     folder = tmp_path_factory.mktemp("ixi_tiny")
     (folder / "datalist.json").write_text(json.dumps(datalist))
@@ -81,9 +85,14 @@ def ixi_tiny(ixi_root, tmp_path_factory):
 
 
 def adapt(folder, common, output, datalist=None):
-    overrides = {**common, "source_checkpoint": str(folder / "pretrain" / "model.pt"), "cluster_every": 2, "n_clusters": 3,
-                 "cluster_options#tsne_method": "sklearn",
-                 "output_dir": str(output)}
+    overrides = {
+        **common,
+        "source_checkpoint": str(folder / "pretrain" / "model.pt"),
+        "cluster_every": 2,
+        "n_clusters": 3,
+        "cluster_options#tsne_method": "sklearn",
+        "output_dir": str(output),
+    }
     if datalist:
         overrides["datalist"] = str(datalist)
     run(config_file=str(CONFIGS / "train.json"), **overrides)
@@ -98,7 +107,10 @@ def test_pretrain_adapt_evaluate_through_monai_bundle(ixi_tiny):
     (checkpoint,) = (folder / "train" / "checkpoints").glob("checkpoint*.pt")
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     # cluster_every = epoch_length = 2 steps: a clustering round at the start of both epochs
-    assert state["clustering"]["clustered_epoch"] == 2 and [h["epoch"] for h in state["clustering"]["history"]] == [1, 2]
+    assert state["clustering"]["clustered_epoch"] == 2 and [h["epoch"] for h in state["clustering"]["history"]] == [
+        1,
+        2,
+    ]
     assert state["loss"]["_extra_state"]["lambda_value"] is None  # 4 steps < 10 calibration batches
 
     run(config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")], **overrides)
@@ -108,11 +120,13 @@ def test_pretrain_adapt_evaluate_through_monai_bundle(ixi_tiny):
     for row in rows:
         models.setdefault(row["model"], []).append(row["set"])
     # source, the AdaBN baseline and every distinct pick of the selection rules, each on both test subjects
-    assert list(models)[:2] == ["source", "adabn"] and all(sorted(sets) == ["source test", "target test"] for sets in models.values())
+    assert list(models)[:2] == ["source", "adabn"] and all(
+        sorted(sets) == ["source test", "target test"] for sets in models.values()
+    )
     picks = json.loads((folder / "train" / "selection.json").read_text())
     adapted = [name for name in models if name.startswith("adapted (")]
     assert adapted[0].startswith(f"adapted ({picks['rule']}")  # the configured rule's pick (model.pt) first
-    assert sorted(r for name in adapted for r in name[len("adapted ("):-1].split(", ")) == sorted(picks["picks"])
+    assert sorted(r for name in adapted for r in name[len("adapted (") : -1].split(", ")) == sorted(picks["picks"])
     summary = (evaluation / "summary.md").read_text()
     assert "model selection" in summary and "surface Dice @ 1 mm" in summary and "ixi_hh_simulated_strong" in summary
     assert (evaluation / "clusters.png").stat().st_size > 10_000
@@ -150,7 +164,9 @@ def oblique_affine():
 
 def head_like(shape):
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
-    return (np.sqrt((grid**2).sum(0)) < 0.7).astype(np.float32) * 100 + np.random.default_rng(0).random(shape).astype(np.float32)
+    return (np.sqrt((grid**2).sum(0)) < 0.7).astype(np.float32) * 100 + np.random.default_rng(0).random(shape).astype(
+        np.float32
+    )
 
 
 def write_oblique_nifti(folder):
@@ -174,11 +190,17 @@ def write_dicom_series(folder, shape=(40, 50, 24)):
     for z in range(volume.GetDepth()):
         image = volume[:, :, z]
         tags = {
-            "0008|0060": "MR", "0020|000e": series, "0020|000d": series + ".1", "0008|0016": "1.2.840.10008.5.1.4.1.1.4",
-            "0008|0018": f"{series}.{z + 1}", "0020|0013": str(z + 1),
+            "0008|0060": "MR",
+            "0020|000e": series,
+            "0020|000d": series + ".1",
+            "0008|0016": "1.2.840.10008.5.1.4.1.1.4",
+            "0008|0018": f"{series}.{z + 1}",
+            "0020|0013": str(z + 1),
             "0020|0032": "\\".join(map(str, volume.TransformIndexToPhysicalPoint((0, 0, z)))),
             "0020|0037": "\\".join(map(str, list(direction[:, 0]) + list(direction[:, 1]))),
-            "0018|0050": "2.5", "0028|0030": "1.1\\0.8", "0020|0052": series + ".2",  # frame of reference (a DICOM SEG needs it)
+            "0018|0050": "2.5",
+            "0028|0030": "1.1\\0.8",
+            "0020|0052": series + ".2",  # frame of reference (a DICOM SEG needs it)
         }
         for tag, value in tags.items():
             image.SetMetaData(tag, value)
@@ -194,8 +216,13 @@ def test_inference_writes_masks_in_the_input_geometry(tmp_path):
     checkpoint = tmp_path / "random.pt"
     torch.manual_seed(0)
     torch.save(PreActResUNet(channels=(16, 32, 64, 128)).state_dict(), checkpoint)
-    run(config_file=str(CONFIGS / "inference.json"), dataset_dir=str(tmp_path / "scans"), output_dir=str(tmp_path / "out"),
-        checkpoint=str(checkpoint), logging_file=False)
+    run(
+        config_file=str(CONFIGS / "inference.json"),
+        dataset_dir=str(tmp_path / "scans"),
+        output_dir=str(tmp_path / "out"),
+        checkpoint=str(checkpoint),
+        logging_file=False,
+    )
     mask = nib.load(str(tmp_path / "out" / "oblique_case_brainmask.nii.gz"))
     assert mask.shape == (70, 60, 30) and mask.get_data_dtype() == np.uint8
     np.testing.assert_allclose(mask.affine, affine, atol=1e-4)
@@ -214,12 +241,23 @@ def test_inference_writes_masks_in_the_input_geometry(tmp_path):
 def test_main_command_runs_the_synthetic_demo_end_to_end(tmp_path, capsys):
     """`monai.bundle run --config_file train.json` with no data: demo pretraining, adaptation, evaluation
     (fewer steps than the real demo)."""
-    run(config_file=str(CONFIGS / "train.json"), output_dir=str(tmp_path), demo_pretrain_steps=4, max_steps=4,
-        epoch_length=2, cluster_every=4, logging_file=False, **{"cluster_options#tsne_method": "sklearn"})
+    run(
+        config_file=str(CONFIGS / "train.json"),
+        output_dir=str(tmp_path),
+        demo_pretrain_steps=4,
+        max_steps=4,
+        epoch_length=2,
+        cluster_every=4,
+        logging_file=False,
+        **{"cluster_options#tsne_method": "sklearn"},
+    )
     printed = capsys.readouterr().out
-    # source, AdaBN and the configured rule's pick side by side on the 6 synthetic target test volumes, then the headline
+    # source, AdaBN and the configured rule's pick side by side on the 6 synthetic target test volumes,
+    # then the headline
     assert "| source | target test | 6 |" in printed and "| adabn | target test | 6 |" in printed
-    assert "| adapted (target_agreement" in printed and re.search(r"target test dice: source [\d.]+, AdaBN [\d.]+, adapted \(target_agreement", printed)
+    assert "| adapted (target_agreement" in printed and re.search(
+        r"target test dice: source [\d.]+, AdaBN [\d.]+, adapted \(target_agreement", printed
+    )
     assert "SYNTHETIC" in printed
     assert json.loads((tmp_path / "demo_data" / "datalist.json").read_text())["synthetic"] is True
     for produced in ("demo_source/model.pt", "model.pt", "evaluation/evaluation.csv", "evaluation/clusters.png"):

@@ -18,7 +18,12 @@ from aiva_monai.networks import PreActResUNet
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "aiva_prostate"
 CONFIGS = BUNDLE / "configs"
-SMALL = {"network_def#channels": [8, 16, 32, 64], "network_def#blocks_per_level": 1, "pixdim": [2.0, 2.0, 0.0], "in_plane_size": [48, 48]}
+SMALL = {
+    "network_def#channels": [8, 16, 32, 64],
+    "network_def#blocks_per_level": 1,
+    "pixdim": [2.0, 2.0, 0.0],
+    "in_plane_size": [48, 48],
+}
 FEW_STEPS = {"max_steps": 4, "epoch_length": 2, "batch_size": 4, "log_every": 1}
 
 
@@ -35,13 +40,17 @@ def test_metadata_is_valid_and_no_weights_are_shipped():
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
-    """Tiny SYNTHETIC cases in the release layout: <root>/{ISBI,ISBI_1.5,I2CVB,UCL,BIDMC,HK}/CaseNN(.._segmentation).nii.gz."""
+    """Tiny SYNTHETIC cases in the release layout:
+    <root>/{ISBI,ISBI_1.5,I2CVB,UCL,BIDMC,HK}/CaseNN(.._segmentation).nii.gz.
+    """
     folder = tmp_path_factory.mktemp("prostate")
     make_prostate_demo(folder / "demo", cases_per_site=4, shape=(48, 48, 10))
     return folder / "demo" / "SYNTHETIC_prostate"
 
 
-@pytest.mark.parametrize("config, kind", [("pretrain.json", "train"), ("train.json", "train"), ("inference.json", "infer")])
+@pytest.mark.parametrize(
+    "config, kind", [("pretrain.json", "train"), ("train.json", "train"), ("inference.json", "infer")]
+)
 def test_configs_parse_and_have_the_model_zoo_properties(config, kind, tmp_path, release):
     overrides = {"output_dir": str(tmp_path / "out")}
     if kind == "infer":
@@ -64,8 +73,14 @@ def test_configs_parse_and_have_the_model_zoo_properties(config, kind, tmp_path,
 
 def test_train_without_a_pretrained_source_model_says_what_to_do(tmp_path, release):
     with pytest.raises(Exception) as raised:
-        ConfigWorkflow(config_file=str(CONFIGS / "train.json"), workflow_type="train", logging_file=False,
-                       dataset_dir=str(release), work_dir=str(tmp_path), target_site="C").initialize()
+        ConfigWorkflow(
+            config_file=str(CONFIGS / "train.json"),
+            workflow_type="train",
+            logging_file=False,
+            dataset_dir=str(release),
+            work_dir=str(tmp_path),
+            target_site="C",
+        ).initialize()
     message = "".join(str(e) for e in _chain(raised.value))
     assert "pretrain_target_C/model.pt does not exist" in message and "run configs/pretrain.json" in message
 
@@ -79,13 +94,26 @@ def _chain(error):
 @pytest.fixture(scope="module")
 def pretrained(release, tmp_path_factory):
     work = tmp_path_factory.mktemp("prostate_work")
-    common = {"dataset_dir": str(release), "work_dir": str(work), "target_site": "F", "context_slices": 1, **SMALL, **FEW_STEPS}
+    common = {
+        "dataset_dir": str(release),
+        "work_dir": str(work),
+        "target_site": "F",
+        "context_slices": 1,
+        **SMALL,
+        **FEW_STEPS,
+    }
     run(config_file=str(CONFIGS / "pretrain.json"), **common)
     return work, common
 
 
 def adapt(work, common, output, datalist=None):
-    overrides = {**common, "cluster_every": 2, "n_clusters": 3, "cluster_options#tsne_method": "sklearn", "output_dir": str(output)}
+    overrides = {
+        **common,
+        "cluster_every": 2,
+        "n_clusters": 3,
+        "cluster_options#tsne_method": "sklearn",
+        "output_dir": str(output),
+    }
     if datalist:
         overrides["datalist"] = str(datalist)
     run(config_file=str(CONFIGS / "train.json"), **overrides)
@@ -104,7 +132,12 @@ def test_leave_one_site_out_pretrain_adapt_evaluate(pretrained):
     assert sorted(history[0]["source_sites"]) == list("ABCDE")
     assert all(sum(s["cluster_counts"]) == s["slices"] > 0 for s in history[0]["source_sites"].values())
 
-    run(config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")], cluster_figure=False, largest_component=True, **overrides)
+    run(
+        config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")],
+        cluster_figure=False,
+        largest_component=True,
+        **overrides,
+    )
     evaluation = work / "adapt" / "evaluation"
     rows = list(csv.reader((evaluation / "evaluation.csv").read_text().splitlines()))
     header = rows[0]
@@ -113,11 +146,18 @@ def test_leave_one_site_out_pretrain_adapt_evaluate(pretrained):
     # source, AdaBN, then each distinct pick of the label-free selection rules
     assert models[:2] == ["source", "adabn"] and len(models) > 2 and all(m.startswith("adapted (") for m in models[2:])
     target_rows = [r for r in rows[1:] if r[1] == "target test"]
-    assert len(target_rows) == len(models) and {r[3] for r in target_rows} == {"F"} and all(r[2].startswith("F_Case") for r in target_rows)
+    assert (
+        len(target_rows) == len(models)
+        and {r[3] for r in target_rows} == {"F"}
+        and all(r[2].startswith("F_Case") for r in target_rows)
+    )
     assert len(rows) == 1 + len(models) * 6  # every model x (1 target test case + 5 source test cases)
     summary = (evaluation / "summary.md").read_text()
     assert "source test: site A" in summary and "source test: site E" in summary
-    assert "largest connected component kept" in summary and "source sites: A, B, C, D, E (one source); target site: F" in summary
+    assert (
+        "largest connected component kept" in summary
+        and "source sites: A, B, C, D, E (one source); target site: F" in summary
+    )
 
 
 def test_adaptation_never_reads_target_labels(pretrained, tmp_path):
@@ -145,12 +185,23 @@ def test_inference_writes_prostate_masks_in_the_input_geometry(tmp_path, release
     torch.manual_seed(0)
     torch.save(PreActResUNet(in_channels=3, channels=(8, 16, 32, 64), blocks_per_level=1).state_dict(), checkpoint)
     scan = release / "UCL" / "Case01.nii.gz"
-    run(config_file=str(CONFIGS / "inference.json"), dataset_dir=str(scan), output_dir=str(tmp_path / "out"), checkpoint=str(checkpoint),
-        context_slices=1, logging_file=False, **{k: v for k, v in SMALL.items()})
+    run(
+        config_file=str(CONFIGS / "inference.json"),
+        dataset_dir=str(scan),
+        output_dir=str(tmp_path / "out"),
+        checkpoint=str(checkpoint),
+        context_slices=1,
+        logging_file=False,
+        **{k: v for k, v in SMALL.items()},
+    )
     mask = nib.load(str(tmp_path / "out" / "Case01_prostate.nii.gz"))
     image = nib.load(str(scan))
     assert mask.shape == image.shape and mask.get_data_dtype() == np.uint8
     np.testing.assert_allclose(mask.affine, image.affine, atol=1e-5)
     assert (tmp_path / "out" / "Case01_prostate.png").stat().st_size > 1000  # overlay for visual QA
     summary = (tmp_path / "out" / "summary.csv").read_text().splitlines()
-    assert summary[0].startswith("case,input,mask,overlay,dicom_seg,volume_ml") and summary[1].startswith("Case01,") and ",ok," in summary[1]
+    assert (
+        summary[0].startswith("case,input,mask,overlay,dicom_seg,volume_ml")
+        and summary[1].startswith("Case01,")
+        and ",ok," in summary[1]
+    )

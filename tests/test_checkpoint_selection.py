@@ -54,8 +54,15 @@ def make_run(tmp_path, rule, prepare=None, epochs=4):
             network.head[1].conv.weight.add_(1.0)
 
     trainer = Engine(step)
-    handler = CheckpointSelectionHandler(network, tmp_path, rule=rule, validator=make_validator(),
-                                         target_dataset=TargetSlices(), max_target_slices=4, prepare=prepare)
+    handler = CheckpointSelectionHandler(
+        network,
+        tmp_path,
+        rule=rule,
+        validator=make_validator(),
+        target_dataset=TargetSlices(),
+        max_target_slices=4,
+        prepare=prepare,
+    )
     handler.attach(trainer)
     return trainer, handler, network
 
@@ -130,11 +137,19 @@ def test_evaluation_checkpoints_name_each_distinct_pick_by_its_rules_configured_
 
     from aiva_monai.bundle import evaluation_checkpoints
 
-    picks = {"source_best": "selection/epoch_0004.pt", "last": "selection/epoch_0004.pt",
-             "target_agreement": "selection/epoch_0004.pt", "target_im": "selection/epoch_0001.pt"}
-    (tmp_path / "selection.json").write_text(json.dumps({"rule": "target_agreement",
-                                                          "picks": {r: {"file": f} for r, f in picks.items()}}))
+    picks = {
+        "source_best": "selection/epoch_0004.pt",
+        "last": "selection/epoch_0004.pt",
+        "target_agreement": "selection/epoch_0004.pt",
+        "target_im": "selection/epoch_0001.pt",
+    }
+    (tmp_path / "selection.json").write_text(
+        json.dumps({"rule": "target_agreement", "picks": {r: {"file": f} for r, f in picks.items()}})
+    )
     found = evaluation_checkpoints(tmp_path, "src.pt", adabn="adabn.pt")
     assert list(found) == ["source", "adabn", "adapted (target_agreement, source_best, last)", "adapted (target_im)"]
     assert found["adapted (target_im)"] == str(tmp_path / "selection" / "epoch_0001.pt")
-    assert evaluation_checkpoints(tmp_path / "none", "src.pt") == {"source": "src.pt", "adapted": str(tmp_path / "none" / "model.pt")}
+    assert evaluation_checkpoints(tmp_path / "none", "src.pt") == {
+        "source": "src.pt",
+        "adapted": str(tmp_path / "none" / "model.pt"),
+    }

@@ -141,6 +141,7 @@ def test_cluster_mean_accumulator():
 
 # -- settings ---------------------------------------------------------------------------------------------
 
+
 def test_settings_are_one_frozen_object_built_from_a_bundle_dict():
     import dataclasses
 
@@ -166,12 +167,15 @@ def test_settings_are_one_frozen_object_built_from_a_bundle_dict():
 
 # -- the feature store (source means without a second pass) ---------------------------------------------
 
+
 @pytest.mark.parametrize("memory_mb", [64.0, 0.0, 0.005])  # all in memory, all in the file, split
 def test_feature_store_sums_equal_direct_means(memory_mb):
     from aiva_monai.clustering import FeatureStore
 
     rng = np.random.default_rng(0)
-    features = rng.normal(size=(37, 4, 5, 6)).astype(np.float32) * rng.uniform(0.1, 1e5, size=(37, 1, 1, 1)).astype(np.float32)
+    features = rng.normal(size=(37, 4, 5, 6)).astype(np.float32) * rng.uniform(0.1, 1e5, size=(37, 1, 1, 1)).astype(
+        np.float32
+    )
     labels = rng.integers(0, 3, 37)
     exact = FeatureStore(37, 120, "float32", memory_mb)
     half = FeatureStore(37, 120, "float16", memory_mb)
@@ -188,7 +192,9 @@ def test_feature_store_sums_equal_direct_means(memory_mb):
     # (values up to 1e5 exceed float16's 65504)
     error = np.abs(half.read(0, 37) - flat) / np.abs(flat).max(axis=1, keepdims=True)
     assert np.isfinite(half.read(0, 37)).all() and error.max() <= 2.0**-11
-    torch.testing.assert_close(half.cluster_sums(labels, 3).means(), direct.means(), rtol=1e-3, atol=1e-3 * float(np.abs(flat).max()))
+    torch.testing.assert_close(
+        half.cluster_sums(labels, 3).means(), direct.means(), rtol=1e-3, atol=1e-3 * float(np.abs(flat).max())
+    )
     exact.close(), half.close()
 
 
@@ -214,6 +220,7 @@ def test_feature_store_sums_only_the_rows_written_here():
 
 # -- slice position and the t-SNE input -------------------------------------------------------------------
 
+
 def test_slice_positions_and_the_weighted_position_column():
     from aiva_monai.clustering import slice_positions, tsne_input
 
@@ -227,7 +234,9 @@ def test_slice_positions_and_the_weighted_position_column():
     positions = np.array([0.0, 0.5, 1.0])
     assert tsne_input(scores, positions, 0.0) is scores
     total_std = np.sqrt(scores.var(axis=0).sum())  # sqrt(2/3 + 8/3)
-    np.testing.assert_allclose(tsne_input(scores, positions, 2.0), np.column_stack([scores, 2.0 * total_std * positions]))
+    np.testing.assert_allclose(
+        tsne_input(scores, positions, 2.0), np.column_stack([scores, 2.0 * total_std * positions])
+    )
     with pytest.raises(ValueError, match="positions"):
         tsne_input(scores, None, 1.0)
 
@@ -257,6 +266,7 @@ def test_slice_position_makes_the_clusters_follow_the_position():
 
 # -- target k-means initialised from the source centres ---------------------------------------------------
 
+
 def test_target_kmeans_initialised_from_the_source_centres():
     from sklearn.cluster import KMeans
 
@@ -275,13 +285,16 @@ def test_target_kmeans_initialised_from_the_source_centres():
     # initialised from the source, target cluster i grows from source cluster i: the matching is the identity
     from aiva_monai.alignment import match_clusters
 
-    np.testing.assert_array_equal(match_clusters(source_fit.cluster_centers_, from_source.cluster_centers_), np.arange(6))
+    np.testing.assert_array_equal(
+        match_clusters(source_fit.cluster_centers_, from_source.cluster_centers_), np.arange(6)
+    )
     _, plus_plus = kmeans_sites(source, target, 6, settings)  # k-means++ numbers the clusters its own way
     assert not np.array_equal(match_clusters(source_fit.cluster_centers_, plus_plus.cluster_centers_), np.arange(6))
     assert adjusted_rand_score(plus_plus.labels_, from_source.labels_) == pytest.approx(1.0)  # same partition here
 
 
 # -- the cheaper t-SNE round ------------------------------------------------------------------------------
+
 
 def test_shorter_tsne_gives_the_same_clusters_and_matches_as_opentsne_defaults_on_planted_modes():
     k = 6
@@ -307,7 +320,9 @@ def test_tsne_warm_start_starts_from_the_previous_embedding():
     source, target = source.reshape(len(source), -1), target.reshape(len(target), -1)
     first = cluster_sketches(source, target, k, seed=0)
     previous = first.embedding + 1000.0  # a layout no fresh t-SNE would produce
-    frozen = cluster_sketches(source, target, k, seed=0, tsne_warm_start=True, tsne_warm_iter=0, init_embedding=previous)
+    frozen = cluster_sketches(
+        source, target, k, seed=0, tsne_warm_start=True, tsne_warm_iter=0, init_embedding=previous
+    )
     assert frozen.warm_started
     np.testing.assert_allclose(frozen.embedding, previous)  # 0 iterations: exactly the initial layout
     moved = source + 0.05 * np.random.default_rng(0).normal(size=source.shape).astype(np.float32)
@@ -325,8 +340,15 @@ def test_cluster_sketches_reports_progress_of_every_stage():
 
     source, target, _, _ = planted_sites(3, per_mode=20, n_features=256, seed=6)
     calls = []
-    cluster_sketches(source.reshape(60, -1), target.reshape(60, -1), 3, seed=0, tsne_exaggeration_iter=50, tsne_iter=100,
-                     progress=lambda stage, done, total: calls.append((stage, done, total)))
+    cluster_sketches(
+        source.reshape(60, -1),
+        target.reshape(60, -1),
+        3,
+        seed=0,
+        tsne_exaggeration_iter=50,
+        tsne_iter=100,
+        progress=lambda stage, done, total: calls.append((stage, done, total)),
+    )
     assert [c[0] for c in calls if c[1] == 0] == ["pca", "tsne", "kmeans"]
     tsne = [done for stage, done, total in calls if stage == "tsne" and done > 0]
     assert tsne == list(range(25, 151, 25)) and all(total == 150 for stage, _, total in calls if stage == "tsne")

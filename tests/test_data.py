@@ -20,8 +20,14 @@ from aiva_monai.data import (
 )
 from aiva_monai.data.simulate import main as simulate_main
 
-VENDORS = {"philips_15": ("philips", "15"), "philips_3": ("philips", "3"), "siemens_15": ("siemens", "15"),
-           "siemens_3": ("siemens", "3"), "ge_15": ("ge", "15"), "ge_3": ("ge", "3")}
+VENDORS = {
+    "philips_15": ("philips", "15"),
+    "philips_3": ("philips", "3"),
+    "siemens_15": ("siemens", "15"),
+    "siemens_3": ("siemens", "3"),
+    "ge_15": ("ge", "15"),
+    "ge_3": ("ge", "3"),
+}
 
 
 def write_nifti(path, array, affine=None):
@@ -89,7 +95,9 @@ def _empty(tmp_path):
 
 def test_load_datalist_errors(tmp_path):
     write_nifti(tmp_path / "a.nii.gz", np.zeros((2, 2, 2)))
-    datalist = {"training": [{"image": "a.nii.gz", "label": "a.nii.gz", "site": "s1"}, {"image": "gone.nii.gz", "site": "s2"}]}
+    datalist = {
+        "training": [{"image": "a.nii.gz", "label": "a.nii.gz", "site": "s1"}, {"image": "gone.nii.gz", "site": "s2"}]
+    }
     (tmp_path / "d.json").write_text(json.dumps(datalist))
     assert load_datalist(tmp_path / "d.json", "training", "s1")[0]["image"] == str(tmp_path / "a.nii.gz")
     with pytest.raises(ValueError, match=r"no 'training' entries of site\(s\) \['s9'\]; sites present: \['s1', 's2'\]"):
@@ -157,13 +165,20 @@ def test_simulate_command_writes_a_labelled_simulated_site(tmp_path):
     for subject in ("s1", "s2"):
         write_nifti(images / f"{subject}.nii.gz", smooth_volume().astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
         write_nifti(images / f"{subject}_mask.nii.gz", np.ones((24, 24, 24), np.uint8))
-    datalist = {"test": [{"image": f"data/{s}.nii.gz", "label": f"data/{s}_mask.nii.gz", "subject": s, "site": "real"} for s in ("s1", "s2")]}
+    datalist = {
+        "test": [
+            {"image": f"data/{s}.nii.gz", "label": f"data/{s}_mask.nii.gz", "subject": s, "site": "real"}
+            for s in ("s1", "s2")
+        ]
+    }
     (tmp_path / "d.json").write_text(json.dumps(datalist))
     before = (images / "s1.nii.gz").read_bytes()
     with pytest.raises(ValueError, match="refusing to overwrite an input image"):
         simulate_main(["--datalist", str(tmp_path / "d.json"), "--output-dir", str(images), "--site-name", "x"])
     assert (images / "s1.nii.gz").read_bytes() == before
-    simulate_main(["--datalist", str(tmp_path / "d.json"), "--output-dir", str(tmp_path / "sim"), "--site-name", "scanner_b"])
+    simulate_main(
+        ["--datalist", str(tmp_path / "d.json"), "--output-dir", str(tmp_path / "sim"), "--site-name", "scanner_b"]
+    )
     written = json.loads((tmp_path / "sim" / "datalist.json").read_text())
     assert written["simulated"] and "SIMULATED" in written["description"]
     assert {e["site"] for e in written["test"]} == {"scanner_b_simulated"}
@@ -190,13 +205,18 @@ def test_slice_dataset_indexing_and_errors(tmp_path):
     for n, depth in ((0, 5), (1, 7)):
         write_nifti(tmp_path / f"v{n}.nii.gz", np.random.rand(depth, 10, 12).astype(np.float32))
         write_nifti(tmp_path / f"m{n}.nii.gz", np.ones((depth, 10, 12), np.uint8))
-    data = [{"image": str(tmp_path / f"v{n}.nii.gz"), "label": str(tmp_path / f"m{n}.nii.gz"), "subject": f"s{n}"} for n in (0, 1)]
+    data = [
+        {"image": str(tmp_path / f"v{n}.nii.gz"), "label": str(tmp_path / f"m{n}.nii.gz"), "subject": f"s{n}"}
+        for n in (0, 1)
+    ]
     dataset = SliceDataset(data, volume_transforms(pixdim=None, in_plane_size=(16, 16)), progress=False)
     assert len(dataset) == 12 and dataset.locate(6) == (1, 1)
     sample = dataset[6]
     assert sample["image"].shape == (1, 16, 16) and sample["image"].dtype == torch.float32
     assert sample["index"] == 6 and sample["subject"] == "s1" and sample["slice"] == 1
-    unlabelled = SliceDataset([{"image": d["image"]} for d in data], volume_transforms(pixdim=None, in_plane_size=(16, 16)), progress=False)
+    unlabelled = SliceDataset(
+        [{"image": d["image"]} for d in data], volume_transforms(pixdim=None, in_plane_size=(16, 16)), progress=False
+    )
     assert "label" not in unlabelled[0]
     with pytest.raises(IndexError):
         dataset.locate(12)

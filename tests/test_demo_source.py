@@ -64,11 +64,21 @@ def test_overrides_never_take_the_shipped_model(tmp_path, overrides, monkeypatch
 def test_demo_headline_compares_the_adapted_model_with_source_and_adabn(tmp_path):
     from aiva_monai.bundle import demo_headline
 
-    rows = ["model,set,subject,dice", "source,target test,a,0.80", "source,target test,b,0.90", "source,source test,c,0.10",
-            "adabn,target test,a,0.90", "adabn,target test,b,0.90",
-            "adapted (target_agreement),target test,a,0.95", "adapted (target_agreement),target test,b,0.95",
-            "adapted (last),target test,a,0.10", "adapted (last),target test,b,0.10"]
+    rows = [
+        "model,set,subject,dice",
+        "source,target test,a,0.80",
+        "source,target test,b,0.90",
+        "source,source test,c,0.10",
+        "adabn,target test,a,0.90",
+        "adabn,target test,b,0.90",
+        "adapted (target_agreement),target test,a,0.95",
+        "adapted (target_agreement),target test,b,0.95",
+        "adapted (last),target test,a,0.10",
+        "adapted (last),target test,b,0.10",
+    ]
     (tmp_path / "evaluation.csv").write_text("\n".join(rows) + "\n")
     assert demo_headline(tmp_path / "evaluation.csv") == (
-        "target test dice: source 85.00, AdaBN 90.00, adapted (target_agreement) 95.00 (+10.00 vs source, +5.00 vs AdaBN)")
+        "target test dice: source 85.00, AdaBN 90.00, adapted (target_agreement) 95.00 "
+        "(+10.00 vs source, +5.00 vs AdaBN)"
+    )
     assert demo_headline(tmp_path / "missing.csv") == ""

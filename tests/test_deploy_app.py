@@ -20,13 +20,37 @@ def test_the_deploy_app_segments_the_t1_series_of_a_study_into_a_dicom_seg(tmp_p
     import highdicom as hd
 
     common = {"0020|000d": STUDY, "0010|0020": "PATIENT1", "0010|0010": "Test^Patient"}
-    write_series(tmp_path / "study" / "t1", shape=(40, 40, 16), series_uid=f"{STUDY}.1",
-                 tags={**common, "0008|103e": "T1 MPRAGE", "0020|0011": "1"})
-    write_series(tmp_path / "study" / "t2", shape=(40, 40, 16), series_uid=f"{STUDY}.2", first_instance=101,
-                 tags={**common, "0008|103e": "T2 FLAIR", "0020|0011": "2"})
-    done = subprocess.run([sys.executable, "-m", "aiva_monai.deploy_app", "-i", str(tmp_path / "study"), "-o", str(tmp_path / "out"),
-                           "--bundle", str(REPOSITORY / "bundles" / "aiva_brain")],
-                          cwd=tmp_path, capture_output=True, text=True, encoding="utf-8", timeout=900)
+    write_series(
+        tmp_path / "study" / "t1",
+        shape=(40, 40, 16),
+        series_uid=f"{STUDY}.1",
+        tags={**common, "0008|103e": "T1 MPRAGE", "0020|0011": "1"},
+    )
+    write_series(
+        tmp_path / "study" / "t2",
+        shape=(40, 40, 16),
+        series_uid=f"{STUDY}.2",
+        first_instance=101,
+        tags={**common, "0008|103e": "T2 FLAIR", "0020|0011": "2"},
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aiva_monai.deploy_app",
+            "-i",
+            str(tmp_path / "study"),
+            "-o",
+            str(tmp_path / "out"),
+            "--bundle",
+            str(REPOSITORY / "bundles" / "aiva_brain"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     segs = sorted((tmp_path / "out").glob("*.seg.dcm"))
     assert [p.name for p in segs] == [f"{STUDY}.1_brainmask.seg.dcm"]  # the T1 series only

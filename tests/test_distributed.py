@@ -37,14 +37,26 @@ from aiva_monai.networks import PreActResUNet
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundles" / "aiva_prostate" / "configs"
 SETTINGS = {
-    "network_def#channels": [8, 16, 32, 64], "network_def#blocks_per_level": 1, "network_def#norm": "instance",
-    "pixdim": [2.0, 2.0, 0.0], "in_plane_size": [48, 48], "target_site": "F", "log_every": 1,
+    "network_def#channels": [8, 16, 32, 64],
+    "network_def#blocks_per_level": 1,
+    "network_def#norm": "instance",
+    "pixdim": [2.0, 2.0, 0.0],
+    "in_plane_size": [48, 48],
+    "target_site": "F",
+    "log_every": 1,
     # 3 epochs of 2 steps, clustering at the start of epochs 1 and 3, lambda calibrated over the first 2 steps
-    "max_steps": 6, "epoch_length": 2, "cluster_every": 4, "n_clusters": 3, "calibration_iterations": 2,
-    "cluster_options#tsne_method": "sklearn", "cluster_options#batch_size": 8, "val_interval": 100,
+    "max_steps": 6,
+    "epoch_length": 2,
+    "cluster_every": 4,
+    "n_clusters": 3,
+    "calibration_iterations": 2,
+    "cluster_options#tsne_method": "sklearn",
+    "cluster_options#batch_size": 8,
+    "val_interval": 100,
     # SGD: the update is linear in the gradient, so float-rounding differences of the all-reduced gradients stay
     # at rounding level (Adam's first steps, ~lr * sign(g), would amplify them on near-zero gradients)
-    "optimizer#_target_": "torch.optim.SGD", "learning_rate": 0.01,
+    "optimizer#_target_": "torch.optim.SGD",
+    "learning_rate": 0.01,
 }
 BATCH = 4  # per rank; the single process uses 2 * BATCH
 
@@ -63,7 +75,12 @@ def probe_overlay(path, base_configs, output):
     initialize = json.loads(Path(base_configs[-1]).read_text())["initialize"]
     overlay = {
         "imports": list(dict.fromkeys(imports + ["$import tests.distributed_probe as distributed_probe"])),
-        "initialize": initialize + [f"$distributed_probe.attach(@train#trainer, aiva_monai.bundle.handler_of(@train#handlers, 'AIVAClusteringHandler'), {str(output)!r})"],
+        "initialize": initialize
+        + [
+            "$distributed_probe.attach(@train#trainer, "
+            "aiva_monai.bundle.handler_of(@train#handlers, 'AIVAClusteringHandler'), "
+            f"{str(output)!r})"
+        ],
     }
     path.write_text(json.dumps(overlay))
     return path
@@ -77,26 +94,56 @@ def runs(tmp_path_factory):
     network = PreActResUNet(channels=(8, 16, 32, 64), blocks_per_level=1, norm="instance")
     torch.save(network.state_dict(), folder / "source.pt")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    common = {"dataset_dir": str(folder / "demo" / "SYNTHETIC_prostate"), "source_checkpoint": str(folder / "source.pt"), **SETTINGS}
+    common = {
+        "dataset_dir": str(folder / "demo" / "SYNTHETIC_prostate"),
+        "source_checkpoint": str(folder / "source.pt"),
+        **SETTINGS,
+    }
 
     single_out = folder / "single"
     single_out.mkdir()
     single_configs = [CONFIGS / "train.json"]
     single_configs.append(probe_overlay(folder / "probe_single.json", single_configs, single_out))
     single = subprocess.Popen(
-        command([sys.executable], single_configs, {**common, "work_dir": str(folder / "work_single"),
-                                                   "output_dir": str(single_out), "batch_size": 2 * BATCH}),
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", errors="replace")
+        command(
+            [sys.executable],
+            single_configs,
+            {**common, "work_dir": str(folder / "work_single"), "output_dir": str(single_out), "batch_size": 2 * BATCH},
+        ),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        encoding="utf-8",
+        errors="replace",
+    )
 
     ddp_out = folder / "ddp"
     ddp_out.mkdir()
     ddp_configs = [CONFIGS / "train.json", CONFIGS / "multi_gpu_train.json"]
     ddp_configs.append(probe_overlay(folder / "probe_ddp.json", ddp_configs, ddp_out))
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", "--rdzv_backend=c10d",
-                "--rdzv_endpoint=localhost:0"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=0",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=localhost:0",
+    ]
     ddp = subprocess.Popen(
-        command(launcher, ddp_configs, {**common, "work_dir": str(folder / "work_ddp"), "output_dir": str(ddp_out), "batch_size": BATCH}),
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", errors="replace")
+        command(
+            launcher,
+            ddp_configs,
+            {**common, "work_dir": str(folder / "work_ddp"), "output_dir": str(ddp_out), "batch_size": BATCH},
+        ),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        encoding="utf-8",
+        errors="replace",
+    )
     single_log, _ = single.communicate(timeout=1200)  # generous: a loaded 2-core CI machine
     ddp_log, _ = ddp.communicate(timeout=1200)
     assert single.returncode == 0, single_log[-4000:]
@@ -123,7 +170,9 @@ def test_every_rank_uses_the_single_process_clustering(runs):
 
 def test_loss_and_weights_match_the_single_process_run(runs):
     single, ranks, _, _ = runs
-    assert len(single["iterations"]) == SETTINGS["max_steps"] == len(ranks[0]["iterations"]) == len(ranks[1]["iterations"])
+    assert (
+        len(single["iterations"]) == SETTINGS["max_steps"] == len(ranks[0]["iterations"]) == len(ranks[1]["iterations"])
+    )
     lambdas = [it["lambda"] for it in single["iterations"]]
     assert lambdas[:2] == [0.0, 0.0] and all(value > 0 for value in lambdas[2:])  # calibrated, then applied
     for step, reference in enumerate(single["iterations"][:4]):  # the steps of the first clustering round
@@ -178,7 +227,9 @@ def test_overlays_follow_their_train_json(bundle):
     saver = "$@checkpointing#saver.attach(@train#trainer)"
     expected = [item + " if dist.get_rank() == 0 else None" if item == saver else item for item in train["initialize"]]
     assert overlay["initialize"][2:] == expected and "init_process_group(backend=@backend)" in overlay["initialize"][0]
-    assert "$@train#trainer.run()" in overlay["run"] and overlay["finalize"] == ["$dist.is_initialized() and dist.destroy_process_group()"]
+    assert "$@train#trainer.run()" in overlay["run"] and overlay["finalize"] == [
+        "$dist.is_initialized() and dist.destroy_process_group()"
+    ]
     # every rank keeps the source weights' loader, the clustering and the learning-rate schedule (picked by type,
     # not position); the other handlers (selection with validation, logs) run on rank 0 only, and every handler
     # that writes logs is switched by write_logs, which the overlay sets for rank 0

@@ -29,15 +29,25 @@ def setup():
 def run(setup, settings, **kwargs):
     network, source, target = setup
     with BottleneckTap(network) as tap:
-        return embed_and_cluster(network, tap, source, target, 3, ClusteringSettings(**{"tsne_method": "sklearn", "batch_size": 8, **settings}),
-                                 progress=False, **kwargs)
+        return embed_and_cluster(
+            network,
+            tap,
+            source,
+            target,
+            3,
+            ClusteringSettings(**{"tsne_method": "sklearn", "batch_size": 8, **settings}),
+            progress=False,
+            **kwargs,
+        )
 
 
 def test_one_encoder_pass_gives_todays_round_exactly(setup):
     network, _, _ = setup
     calls = {"head": 0, "bottleneck": 0}
-    handles = [network.head.register_forward_hook(lambda *a: calls.__setitem__("head", calls["head"] + 1)),
-               network.bottleneck.register_forward_hook(lambda *a: calls.__setitem__("bottleneck", calls["bottleneck"] + 1))]
+    handles = [
+        network.head.register_forward_hook(lambda *a: calls.__setitem__("head", calls["head"] + 1)),
+        network.bottleneck.register_forward_hook(lambda *a: calls.__setitem__("bottleneck", calls["bottleneck"] + 1)),
+    ]
     try:
         today = run(setup, TODAY)
         assert calls == {"head": 5 + 4 + 5, "bottleneck": 5 + 4 + 5}  # full network; source twice (second pass)

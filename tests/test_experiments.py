@@ -20,16 +20,16 @@ from aiva_monai.data.cc359 import CC359_SITES
 from aiva_monai.data.prostate import make_prostate_demo
 from aiva_monai.experiments import (
     AIVA_METHODS,
-    per_seed_table,
     K_ABLATION_PAIRS,
     K_VALUES,
     METHOD_ORDER,
+    PRESETS,
     BundleCellRunner,
     Cell,
-    PRESETS,
     ResultsFile,
     grid,
     main,
+    per_seed_table,
     render_report,
     report_table,
     run_matrix,
@@ -91,6 +91,7 @@ def fake_runner(log):
         progress("training")
         log.append(cell.id)
         return {"selection_rule": "fake", "volumes": [{"subject": "s0", "set": "target test", "dice": 0.5}]}
+
     return runner
 
 
@@ -102,8 +103,20 @@ def test_finished_cells_are_skipped_and_failures_retried(tmp_path):
     records = ResultsFile(tmp_path / "results.jsonl").records()
     assert [r["cell"] for r in records] == [c.id for c in cells]
     first = records[0]
-    for key in ("method", "dataset", "sources", "target", "seed", "k", "steps", "volumes", "selection_rule", "reads_target_labels",
-                "git_commit", "run_dir"):
+    for key in (
+        "method",
+        "dataset",
+        "sources",
+        "target",
+        "seed",
+        "k",
+        "steps",
+        "volumes",
+        "selection_rule",
+        "reads_target_labels",
+        "git_commit",
+        "run_dir",
+    ):
         assert key in first, key
     assert first["git_commit"] == "abc" and first["reads_target_labels"] is False
 
@@ -140,7 +153,8 @@ def test_matrix_killed_with_sigkill_resumes_where_it_stopped(tmp_path):
     """A runner process killed (SIGKILL) during a cell: the restarted matrix skips the recorded cells and
     runs the interrupted one again (in the same run folder)."""
     script = tmp_path / "matrix.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
         from aiva_monai.experiments import grid, run_matrix
@@ -153,8 +167,15 @@ def test_matrix_killed_with_sigkill_resumes_where_it_stopped(tmp_path):
             return {{"selection_rule": "fake", "volumes": []}}
         cells = grid("ixi-sim", methods=("source", "adabn", "aiva"), steps=10)
         run_matrix(cells, Path({str(tmp_path / "out")!r}), runner, commit="abc")
-    """))
-    process = subprocess.Popen([sys.executable, str(script), "slow"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", errors="replace")
+    """)
+    )
+    process = subprocess.Popen(
+        [sys.executable, str(script), "slow"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        encoding="utf-8",
+        errors="replace",
+    )
     lines = []
     for line in process.stdout:
         lines.append(line)
@@ -167,7 +188,9 @@ def test_matrix_killed_with_sigkill_resumes_where_it_stopped(tmp_path):
     process.wait()
     results = ResultsFile(tmp_path / "out" / "results.jsonl")
     assert [r["method"] for r in results.records()] == ["source"], lines
-    restarted = subprocess.run([sys.executable, str(script), "fast"], capture_output=True, encoding="utf-8", errors="replace", timeout=120)
+    restarted = subprocess.run(
+        [sys.executable, str(script), "fast"], capture_output=True, encoding="utf-8", errors="replace", timeout=120
+    )
     assert restarted.returncode == 0, restarted.stderr
     assert "[1/3] source      ixi_hh -> ixi_hh_simulated_strong, seed 0: already recorded, skipped" in restarted.stdout
     assert [r["method"] for r in results.records()] == ["source", "adabn", "aiva"]
@@ -178,12 +201,21 @@ def test_matrix_killed_with_sigkill_resumes_where_it_stopped(tmp_path):
 
 def _record(method, target, seed, values, k=None, sources=("A", "B")):
     return {
-        "cell": f"x/{method}/{target}/{seed}/{k}", "status": "ok", "method": method, "dataset": "prostate", "sources": list(sources),
-        "target": target, "seed": seed, "k": k, "steps": 100, "reads_target_labels": method == "oracle",
+        "cell": f"x/{method}/{target}/{seed}/{k}",
+        "status": "ok",
+        "method": method,
+        "dataset": "prostate",
+        "sources": list(sources),
+        "target": target,
+        "seed": seed,
+        "k": k,
+        "steps": 100,
+        "reads_target_labels": method == "oracle",
         "selection_rule": "oracle rule" if method == "oracle" else "source validation",
         "volumes": [{"subject": f"s{i}", "set": "target test", "dice": v} for i, v in enumerate(values)]
         + [{"subject": "src", "set": "source test", "dice": 0.0}],
-        "git_commit": "abc", "run_dir": "/nowhere",
+        "git_commit": "abc",
+        "run_dir": "/nowhere",
     }
 
 
@@ -220,7 +252,9 @@ def test_report_renders_a_known_results_file_to_a_known_table(tmp_path):
     assert "| C | 85.00 +/- 0.00 | 55.00 +/- 7.07 | 75.00 +/- 7.07 |" in text and "AIVA k = 12" in text
     assert "\\* reads target labels" in text and "oracle: oracle rule" in text
     csv_lines = (tmp_path / "report" / "table_dice.csv").read_text().splitlines()
-    assert csv_lines[0] == "target,oracle_mean,oracle_std,oracle_seeds,source_mean,source_std,source_seeds,aiva_mean,aiva_std,aiva_seeds"
+    assert csv_lines[0] == (
+        "target,oracle_mean,oracle_std,oracle_seeds,source_mean,source_std,source_seeds,aiva_mean,aiva_std,aiva_seeds"
+    )
     assert csv_lines[1] == "C,85.0,0.0,2,55.0,7.07,2,75.0,7.07,2"
 
 
@@ -236,8 +270,18 @@ def test_report_k_figure_when_several_k(tmp_path):
 # -- every method overlay through monai.bundle on tiny data --------------------------------------------------------
 
 CONFIGS = REPOSITORY / "bundles" / "aiva_prostate" / "configs"
-SMALL = {"network_def#channels": [8, 16, 32, 64], "network_def#blocks_per_level": 1, "pixdim": [2.0, 2.0, 0.0], "in_plane_size": [48, 48],
-         "max_steps": 4, "epoch_length": 2, "batch_size": 4, "log_every": 1, "target_site": "F", "num_workers": 0}
+SMALL = {
+    "network_def#channels": [8, 16, 32, 64],
+    "network_def#blocks_per_level": 1,
+    "pixdim": [2.0, 2.0, 0.0],
+    "in_plane_size": [48, 48],
+    "max_steps": 4,
+    "epoch_length": 2,
+    "batch_size": 4,
+    "log_every": 1,
+    "target_site": "F",
+    "num_workers": 0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +310,11 @@ def test_every_bundle_has_every_method_overlay_with_its_citation(bundle):
         else:
             assert content["reads_target_labels"] is (method == "oracle") and content["selection_rule"]
     cited = {m: json.loads((folder / f"{m}.json").read_text())["_desc_"] for m in ("adabn", "adaptsegnet", "segjdot")}
-    assert "Li et al. 2016" in cited["adabn"] and "Tsai et al." in cited["adaptsegnet"] and "CVPR 2018" in cited["adaptsegnet"]
+    assert (
+        "Li et al. 2016" in cited["adabn"]
+        and "Tsai et al." in cited["adaptsegnet"]
+        and "CVPR 2018" in cited["adaptsegnet"]
+    )
     assert "DeepJDOT" in cited["segjdot"] and "ot.emd" in cited["segjdot"]
 
 
@@ -280,31 +328,59 @@ def test_method_overlays_run_and_only_oracle_reads_target_labels(prostate_source
         cards[method] = json.loads((output / "method.json").read_text())
         states[method] = torch.load(output / "model.pt", weights_only=True)
     assert [m for m, card in cards.items() if card["reads_target_labels"]] == ["oracle"]
-    assert "TARGET validation" in cards["oracle"]["selection_rule"] and "unlabelled target slices" in cards["segjdot"]["selection_rule"]
-    assert cards["adaptsegnet"]["settings"]["lambda_adv"] == 0.001 and cards["segjdot"]["settings"]["jdot_alpha"] == 0.001
+    assert (
+        "TARGET validation" in cards["oracle"]["selection_rule"]
+        and "unlabelled target slices" in cards["segjdot"]["selection_rule"]
+    )
+    assert (
+        cards["adaptsegnet"]["settings"]["lambda_adv"] == 0.001 and cards["segjdot"]["settings"]["jdot_alpha"] == 0.001
+    )
 
     # source: the source model itself; adabn: only the BatchNorm running statistics differ from it
     for key, value in source_state.items():
         assert torch.equal(states["source"][key], value), key
-    network = ConfigWorkflow(config_file=_overlay("adabn"), workflow_type="train", logging_file=False,
-                             output_dir=str(folder / "parse"), **common).parser.get_parsed_content("network_def")
-    buffers = {f"{name}.{b}" for name, _ in batchnorm_layers(network) for b in ("running_mean", "running_var", "num_batches_tracked")}
+    network = ConfigWorkflow(
+        config_file=_overlay("adabn"),
+        workflow_type="train",
+        logging_file=False,
+        output_dir=str(folder / "parse"),
+        **common,
+    ).parser.get_parsed_content("network_def")
+    buffers = {
+        f"{name}.{b}"
+        for name, _ in batchnorm_layers(network)
+        for b in ("running_mean", "running_var", "num_batches_tracked")
+    }
     changed = {key for key, value in source_state.items() if not torch.equal(states["adabn"][key], value)}
     assert changed and changed <= buffers
     # the trained methods changed the weights; the discriminator and its optimiser are in the checkpoint
     for method in ("adaptsegnet", "segjdot", "oracle"):
-        assert any(not torch.equal(states[method][k], v) for k, v in source_state.items() if k.endswith("weight")), method
+        assert any(not torch.equal(states[method][k], v) for k, v in source_state.items() if k.endswith("weight")), (
+            method
+        )
     (checkpoint,) = (folder / "adaptsegnet" / "checkpoints").glob("checkpoint*.pt")
     saved = torch.load(checkpoint, weights_only=False)
-    assert {"discriminator", "discriminator_optimizer", "discriminator_lr_scheduler", "model", "optimizer", "trainer"} <= set(saved)
+    assert {
+        "discriminator",
+        "discriminator_optimizer",
+        "discriminator_lr_scheduler",
+        "model",
+        "optimizer",
+        "trainer",
+    } <= set(saved)
     assert "clustering" not in saved
 
 
 @pytest.mark.parametrize("method", ["adaptsegnet", "segjdot", "oracle", "aiva"])
 def test_method_overlays_train_on_the_data_they_claim(prostate_source, method):
     folder, common = prostate_source
-    workflow = ConfigWorkflow(config_file=_overlay(method), workflow_type="train", logging_file=False,
-                              output_dir=str(folder / f"parse_{method}"), **common)
+    workflow = ConfigWorkflow(
+        config_file=_overlay(method),
+        workflow_type="train",
+        logging_file=False,
+        output_dir=str(folder / f"parse_{method}"),
+        **common,
+    )
     parser = workflow.parser
     labelled = {e["site"] for e in parser.get_parsed_content("train#dataset").data}
     validation = {e["site"] for e in parser.get_parsed_content("validate#dataset").data}
@@ -316,8 +392,15 @@ def test_method_overlays_train_on_the_data_they_claim(prostate_source, method):
         target = parser.get_parsed_content("train#target_dataset").data
         assert {e["site"] for e in target} == {"F"} and all("label" not in e for e in target)
         assert not getattr(trainer.state, "reads_target_labels", False)
-    assert type(trainer).__name__ == {"adaptsegnet": "AdaptSegNetTrainer", "segjdot": "SegJDOTTrainer", "oracle": "OracleTrainer",
-                                      "aiva": "AIVATrainer"}[method]
+    assert (
+        type(trainer).__name__
+        == {
+            "adaptsegnet": "AdaptSegNetTrainer",
+            "segjdot": "SegJDOTTrainer",
+            "oracle": "OracleTrainer",
+            "aiva": "AIVATrainer",
+        }[method]
+    )
 
 
 def test_adaptsegnet_resumes_from_its_checkpoint_with_the_discriminator(prostate_source):
@@ -335,19 +418,34 @@ def test_adaptsegnet_resumes_from_its_checkpoint_with_the_discriminator(prostate
 
 def test_bundle_cell_runner_builds_the_commands(tmp_path):
     preset = PRESETS["prostate"]
-    runner = BundleCellRunner(preset, tmp_path, dataset_dir="/data", source_checkpoint="/models/src.pt", epoch_length=50,
-                              cluster_every=100, overrides={"batch_size": 4})
+    runner = BundleCellRunner(
+        preset,
+        tmp_path,
+        dataset_dir="/data",
+        source_checkpoint="/models/src.pt",
+        epoch_length=50,
+        cluster_every=100,
+        overrides={"batch_size": 4},
+    )
     cell = Cell("prostate", tuple("ABCDE"), "F", "aiva", 0, 9, 200)
     overrides = runner.train_overrides(cell, tmp_path / "run")
-    assert overrides["n_clusters"] == 9 and overrides["cluster_every"] == 100 and overrides["source_site"] == "A,B,C,D,E"
-    assert overrides["source_checkpoint"] == "/models/src.pt" and overrides["max_steps"] == 200 and overrides["batch_size"] == 4
+    assert (
+        overrides["n_clusters"] == 9 and overrides["cluster_every"] == 100 and overrides["source_site"] == "A,B,C,D,E"
+    )
+    assert (
+        overrides["source_checkpoint"] == "/models/src.pt"
+        and overrides["max_steps"] == 200
+        and overrides["batch_size"] == 4
+    )
     assert [p.name for p in runner.method_configs("aiva")] == ["train.json"]
     assert [p.name for p in runner.method_configs("oracle")] == ["train.json", "oracle.json"]
     ixi = BundleCellRunner(PRESETS["ixi-sim"], tmp_path, dataset_dir="/data")
     cell = grid("ixi-sim", methods=("segjdot",), steps=300)[0]
     overrides = ixi.train_overrides(cell, tmp_path / "run")
     assert overrides["source_site"] == "ixi_hh" and overrides["target_site"] == "ixi_hh_simulated_strong"
-    assert overrides["source_checkpoint"].endswith("bundles/aiva_brain/models/model.pt") and overrides["datalist"].endswith("datalist_ixi_hh.json")
+    assert overrides["source_checkpoint"].endswith("bundles/aiva_brain/models/model.pt") and overrides[
+        "datalist"
+    ].endswith("datalist_ixi_hh.json")
     assert "n_clusters" not in overrides
 
 

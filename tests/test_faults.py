@@ -18,12 +18,23 @@ from aiva_monai.data.prostate import make_prostate_demo
 CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "aiva_prostate" / "configs"
 TRAIN = json.loads((CONFIGS / "train.json").read_text())
 SETTINGS = {
-    "network_def#channels": [8, 16, 32, 64], "network_def#blocks_per_level": 1, "pixdim": [2.0, 2.0, 0.0], "in_plane_size": [48, 48],
-    "batch_size": 4, "log_every": 1, "target_site": "F",
+    "network_def#channels": [8, 16, 32, 64],
+    "network_def#blocks_per_level": 1,
+    "pixdim": [2.0, 2.0, 0.0],
+    "in_plane_size": [48, 48],
+    "batch_size": 4,
+    "log_every": 1,
+    "target_site": "F",
 }
 # 4 epochs of 2 steps; clustering at the start of epochs 1 and 3; lambda calibrated over the first 3 steps
-ADAPT = {"max_steps": 8, "epoch_length": 2, "cluster_every": 4, "n_clusters": 3, "calibration_iterations": 3,
-         "cluster_options#tsne_method": "sklearn"}
+ADAPT = {
+    "max_steps": 8,
+    "epoch_length": 2,
+    "cluster_every": 4,
+    "n_clusters": 3,
+    "calibration_iterations": 3,
+    "cluster_options#tsne_method": "sklearn",
+}
 
 
 def test_seeded_endless_sampler_resumes_at_any_position():
@@ -68,7 +79,9 @@ def adapt(folder, common, output, kill_at=None, extra=None):
         configs.append(output.parent / "kill.json")
     overrides = {**common, **ADAPT, **(extra or {}), "output_dir": str(output)}
     # a timeout: a process left behind holding the output pipes (an orphaned worker) fails instead of hanging
-    done = subprocess.run(bundle_command(configs, overrides), capture_output=True, encoding="utf-8", errors="replace", timeout=1200)
+    done = subprocess.run(
+        bundle_command(configs, overrides), capture_output=True, encoding="utf-8", errors="replace", timeout=1200
+    )
     return done
 
 
@@ -92,10 +105,15 @@ def uninterrupted(source_model):
     "kill_at, resumed_from",
     [
         ("ignite.engine.Events.EPOCH_COMPLETED(once=2)", "checkpoint_epoch=2.pt"),  # between clustering epochs
-        ("ignite.engine.Events.ITERATION_COMPLETED(once=7)", "checkpoint_epoch=3.pt"),  # mid-epoch, after a re-clustering
+        (
+            "ignite.engine.Events.ITERATION_COMPLETED(once=7)",
+            "checkpoint_epoch=3.pt",
+        ),  # mid-epoch, after a re-clustering
     ],
 )
-def test_killed_adaptation_resumes_and_ends_like_an_uninterrupted_run(source_model, uninterrupted, tmp_path, kill_at, resumed_from):
+def test_killed_adaptation_resumes_and_ends_like_an_uninterrupted_run(
+    source_model, uninterrupted, tmp_path, kill_at, resumed_from
+):
     folder, common = source_model
     (tmp_path / "run").mkdir()
     output = tmp_path / "run" / "adapt"
@@ -114,7 +132,9 @@ def test_killed_adaptation_resumes_and_ends_like_an_uninterrupted_run(source_mod
         assert torch.equal(state["model"][key], value), key
     for key, value in reference_best.items():
         assert torch.equal(best[key], value), f"best model.pt differs at {key}"
-    assert state["loss"]["_extra_state"]["lambda_value"] == reference["loss"]["_extra_state"]["lambda_value"] is not None
+    assert (
+        state["loss"]["_extra_state"]["lambda_value"] == reference["loss"]["_extra_state"]["lambda_value"] is not None
+    )
     assert state["trainer"]["target_samples"] == reference["trainer"]["target_samples"] == 8 * 4
     assert state["savers"] == reference["savers"]
     # the label-free selection's table of candidates travels with the checkpoint and resumes identically
@@ -144,11 +164,19 @@ def uninterrupted_overlap(source_model):
 @pytest.mark.parametrize(
     "kill_at, resumed_from",
     [
-        ("ignite.engine.Events.EPOCH_COMPLETED(once=2)", "checkpoint_epoch=2.pt"),  # a round in flight at the checkpoint
-        ("ignite.engine.Events.ITERATION_COMPLETED(once=5)", "checkpoint_epoch=2.pt"),  # killed after launching epoch 3's round
+        (
+            "ignite.engine.Events.EPOCH_COMPLETED(once=2)",
+            "checkpoint_epoch=2.pt",
+        ),  # a round in flight at the checkpoint
+        (
+            "ignite.engine.Events.ITERATION_COMPLETED(once=5)",
+            "checkpoint_epoch=2.pt",
+        ),  # killed after launching epoch 3's round
     ],
 )
-def test_killed_overlapping_adaptation_resumes_exactly(source_model, uninterrupted_overlap, tmp_path, kill_at, resumed_from):
+def test_killed_overlapping_adaptation_resumes_exactly(
+    source_model, uninterrupted_overlap, tmp_path, kill_at, resumed_from
+):
     folder, common = source_model
     (tmp_path / "run").mkdir()
     output = tmp_path / "run" / "adapt"

@@ -25,7 +25,14 @@ def test_handler_reclusters_every_epoch_and_hands_over(sites):
     assignment = trainer.state.aiva_assignment
     assert assignment.target_labels.shape == (30,) and assignment.source_means.shape == (3, 16 * 4 * 4)
     np.testing.assert_array_equal(assignment.target_labels.numpy(), handler.clustering.target_labels)
-    assert set(handler.history[0]) >= {"time_embed", "time_pca", "time_tsne", "time_kmeans", "time_match", "matched_cost"}
+    assert set(handler.history[0]) >= {
+        "time_embed",
+        "time_pca",
+        "time_tsne",
+        "time_kmeans",
+        "time_match",
+        "matched_cost",
+    }
 
 
 def test_handler_interval(sites):
@@ -60,8 +67,13 @@ def test_state_dict_round_trip_is_weights_only_loadable(sites, tmp_path):
 
 def test_resume_mid_epoch_keeps_the_clustering(sites, tmp_path):
     def save_dict(trainer, handler):
-        return {"trainer": trainer, "network": trainer.network, "optimizer": trainer.optimizer,
-                "loss": trainer.loss_function, "clustering": handler}
+        return {
+            "trainer": trainer,
+            "network": trainer.network,
+            "optimizer": trainer.optimizer,
+            "loss": trainer.loss_function,
+            "clustering": handler,
+        }
 
     # first run: killed in the middle of epoch 2 (iteration 4 of 3 per epoch), after a checkpoint
     trainer, handler = make_trainer(*sites, max_epochs=3, epoch_length=3)
@@ -80,7 +92,8 @@ def test_resume_mid_epoch_keeps_the_clustering(sites, tmp_path):
     resumed_handler.run_clustering = lambda engine: calls.append(engine.state.epoch) or original(engine)
     seen = {}
     resumed.add_event_handler(
-        Events.ITERATION_COMPLETED, lambda e: seen.setdefault(e.state.iteration, e.state.aiva_assignment.source_means.clone())
+        Events.ITERATION_COMPLETED,
+        lambda e: seen.setdefault(e.state.iteration, e.state.aiva_assignment.source_means.clone()),
     )
     resumed.run()
     assert min(seen) == 5 and calls == [3]
@@ -99,10 +112,20 @@ def test_handler_settings_object_and_the_former_keywords(sites):
     from aiva_monai.clustering import ClusteringSettings
     from aiva_monai.handlers import AIVAClusteringHandler
 
-    handler = AIVAClusteringHandler(*sites, n_clusters=3, settings={"perplexity": 5.0, "tsne_method": "opentsne", "batch_size": 4},
-                                    tsne_method="sklearn", seed=9)
+    handler = AIVAClusteringHandler(
+        *sites,
+        n_clusters=3,
+        settings={"perplexity": 5.0, "tsne_method": "opentsne", "batch_size": 4},
+        tsne_method="sklearn",
+        seed=9,
+    )
     assert isinstance(handler.settings, ClusteringSettings)
-    assert (handler.settings.perplexity, handler.settings.tsne_method, handler.settings.seed, handler.batch_size) == (5.0, "sklearn", 9, 4)
+    assert (handler.settings.perplexity, handler.settings.tsne_method, handler.settings.seed, handler.batch_size) == (
+        5.0,
+        "sklearn",
+        9,
+        4,
+    )
     with pytest.raises(ValueError, match="unknown clustering setting"):
         AIVAClusteringHandler(*sites, settings={"tsne": "x"})
     with pytest.raises(ValueError, match="slice_counts"):  # fails at construction, not at the first round
@@ -113,7 +136,9 @@ def test_round_times_go_to_the_metrics_and_the_stats_file(sites, tmp_path):
     import csv
 
     stats = tmp_path / "clustering_stats.csv"
-    trainer, handler = make_trainer(*sites, max_epochs=3, epoch_length=1, interval=2, handler_options={"stats_file": str(stats)})
+    trainer, handler = make_trainer(
+        *sites, max_epochs=3, epoch_length=1, interval=2, handler_options={"stats_file": str(stats)}
+    )
     seen = {}
     trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: seen.setdefault(e.state.epoch, dict(e.state.metrics)))
     trainer.run()
@@ -125,10 +150,14 @@ def test_round_times_go_to_the_metrics_and_the_stats_file(sites, tmp_path):
 
 
 def overlap_run(sites, epochs=4):
-    trainer, handler = make_trainer(*sites, max_epochs=epochs, epoch_length=2, handler_options={"settings": {"overlap": True}})
+    trainer, handler = make_trainer(
+        *sites, max_epochs=epochs, epoch_length=2, handler_options={"settings": {"overlap": True}}
+    )
     used, weights = [], {}
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: used.append(e.state.aiva_assignment.epoch))
-    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: weights.setdefault(e.state.epoch, copy.deepcopy(e.network.state_dict())))
+    trainer.add_event_handler(
+        Events.EPOCH_STARTED, lambda e: weights.setdefault(e.state.epoch, copy.deepcopy(e.network.state_dict()))
+    )
     clusterings = {}
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: clusterings.setdefault(e.state.epoch, handler.clustering))
     trainer.run()
@@ -149,7 +178,9 @@ def test_overlap_trains_one_round_behind_and_is_deterministic(sites):
     network = PreActResUNet(channels=(4, 8, 16), blocks_per_level=1)
     network.load_state_dict(weights[2])
     with BottleneckTap(network) as tap:
-        synchronous = embed_and_cluster(network, tap, *sites, 3, handler.settings.replace(overlap=False), progress=False)
+        synchronous = embed_and_cluster(
+            network, tap, *sites, 3, handler.settings.replace(overlap=False), progress=False
+        )
     background = clusterings[3]
     for name in ("source_labels", "target_labels", "embedding", "match"):
         np.testing.assert_array_equal(getattr(background, name), getattr(synchronous, name))
@@ -164,12 +195,20 @@ def test_overlap_trains_one_round_behind_and_is_deterministic(sites):
 def test_overlap_state_dict_waits_for_the_round_in_flight(sites):
     from aiva_monai.handlers import AIVAClusteringHandler
 
-    trainer, handler = make_trainer(*sites, max_epochs=3, epoch_length=1, handler_options={"settings": {"overlap": True}})
+    trainer, handler = make_trainer(
+        *sites, max_epochs=3, epoch_length=1, handler_options={"settings": {"overlap": True}}
+    )
     states = {}
     trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: states.setdefault(e.state.epoch, handler.state_dict()))
     trainer.run()
-    assert "pending" not in states[1] and states[2]["pending"]["clustered_epoch"] == 2 and states[2]["clustered_epoch"] == 1
-    fresh = AIVAClusteringHandler(*sites, n_clusters=3, settings={"overlap": True, "tsne_method": "sklearn", "batch_size": 8})
+    assert (
+        "pending" not in states[1]
+        and states[2]["pending"]["clustered_epoch"] == 2
+        and states[2]["clustered_epoch"] == 1
+    )
+    fresh = AIVAClusteringHandler(
+        *sites, n_clusters=3, settings={"overlap": True, "tsne_method": "sklearn", "batch_size": 8}
+    )
     fresh.load_state_dict(states[2])
     assert fresh.pending_epoch == 2 and fresh.clustered_epoch == 1
     assert handler.clustered_epoch == 2  # promoted at epoch 3, the last (nothing launched there)

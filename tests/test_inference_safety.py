@@ -33,8 +33,15 @@ from tests.test_bundle_brain import head_like
 REPOSITORY = Path(__file__).resolve().parents[1]
 BUNDLES = {
     "aiva_brain": ("_brainmask", {"network_def#channels": [8, 16, 32, 64], "network_def#blocks_per_level": 1}),
-    "aiva_prostate": ("_prostate", {"network_def#channels": [8, 16, 32, 64], "network_def#blocks_per_level": 1,
-                                    "pixdim": [2.0, 2.0, 0.0], "in_plane_size": [48, 48]}),
+    "aiva_prostate": (
+        "_prostate",
+        {
+            "network_def#channels": [8, 16, 32, 64],
+            "network_def#blocks_per_level": 1,
+            "pixdim": [2.0, 2.0, 0.0],
+            "in_plane_size": [48, 48],
+        },
+    ),
 }
 
 
@@ -51,8 +58,15 @@ def infer(bundle, dataset_dir, output_dir, checkpoint, exit_code=ExitCode.OK, **
     """Runs ``bundle``'s inference.json in-process, checks the exit code, returns the summary rows by case."""
     suffix, small = BUNDLES[bundle]
     try:
-        run(config_file=str(REPOSITORY / "bundles" / bundle / "configs" / "inference.json"), dataset_dir=str(dataset_dir),
-            output_dir=str(output_dir), checkpoint=str(checkpoint), logging_file=False, **small, **overrides)
+        run(
+            config_file=str(REPOSITORY / "bundles" / bundle / "configs" / "inference.json"),
+            dataset_dir=str(dataset_dir),
+            output_dir=str(output_dir),
+            checkpoint=str(checkpoint),
+            logging_file=False,
+            **small,
+            **overrides,
+        )
         code = ExitCode.OK
     except SystemExit as ended:
         code = ended.code
@@ -80,8 +94,16 @@ def fingerprints(folder):
     return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
-def write_series(folder, shape=(32, 32, 10), spacing=2.0, series_uid="1.2.826.0.1.3680043.2.1125.7.1", first_instance=1,
-                 scale=1.0, skip=(), tags=None):
+def write_series(
+    folder,
+    shape=(32, 32, 10),
+    spacing=2.0,
+    series_uid="1.2.826.0.1.3680043.2.1125.7.1",
+    first_instance=1,
+    scale=1.0,
+    skip=(),
+    tags=None,
+):
     """An axial DICOM series (SimpleITK writer): ``shape`` (x, y, slices), slices ``spacing`` mm apart; slices
     whose index is in ``skip`` are not written (a series with missing slices); ``tags`` ("gggg|eeee": value)
     added or replaced in every slice."""
@@ -95,9 +117,20 @@ def write_series(folder, shape=(32, 32, 10), spacing=2.0, series_uid="1.2.826.0.
         image = sitk.GetImageFromArray(volume[:, :, z].T[None])
         image.SetSpacing((1.0, 1.0, spacing))
         instance = first_instance + z
-        slice_tags = {"0008|0060": "MR", "0020|000e": series_uid, "0020|000d": series_uid + ".1", "0008|0016": "1.2.840.10008.5.1.4.1.1.4",
-                "0008|0018": f"{series_uid}.{instance}", "0020|0013": str(instance), "0020|0032": f"0\\0\\{z * spacing}",
-                "0020|0037": "1\\0\\0\\0\\1\\0", "0018|0050": str(spacing), "0028|0030": "1\\1", "0020|0052": series_uid + ".2", **(tags or {})}
+        slice_tags = {
+            "0008|0060": "MR",
+            "0020|000e": series_uid,
+            "0020|000d": series_uid + ".1",
+            "0008|0016": "1.2.840.10008.5.1.4.1.1.4",
+            "0008|0018": f"{series_uid}.{instance}",
+            "0020|0013": str(instance),
+            "0020|0032": f"0\\0\\{z * spacing}",
+            "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0018|0050": str(spacing),
+            "0028|0030": "1\\1",
+            "0020|0052": series_uid + ".2",
+            **(tags or {}),
+        }
         for tag, value in slice_tags.items():
             image.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"im{instance:04d}.dcm"))
@@ -148,7 +181,10 @@ def test_the_guard_refuses_any_output_path_that_resolves_to_an_input(tmp_path):
         SaveMaskd(outputs=outputs)({"case": "a", "image": image, "pred": image.clone()[None][0]})
     assert scan.read_bytes() == before
     # protect() names a case so that none of its outputs is an input: "a" would write through the link
-    cases = [{"image": str(scan), "case": "b", "format": "nifti"}, {"image": str(tmp_path / "x.nii.gz"), "case": "a", "format": "nifti"}]
+    cases = [
+        {"image": str(scan), "case": "b", "format": "nifti"},
+        {"image": str(tmp_path / "x.nii.gz"), "case": "a", "format": "nifti"},
+    ]
     outputs.protect(cases)
     assert [c["case"] for c in cases] == ["b", "a_2"]
 
@@ -166,7 +202,11 @@ def test_colliding_names_each_get_their_own_mask_and_row(bundle, tmp_path, check
     assert len(rows) == 3 and {row["status"] for row in rows.values()} == {"ok"}
     assert {row["input"] for row in rows.values()} == {str(folder / n) for n in ("a.nii", "a.nii.gz", "a_2.nii.gz")}
     masks = {row["input"]: nib.load(row["mask"]).shape for row in rows.values()}
-    assert masks == {str(folder / "a.nii"): (24, 24, 12), str(folder / "a.nii.gz"): (22, 22, 12), str(folder / "a_2.nii.gz"): (20, 20, 12)}
+    assert masks == {
+        str(folder / "a.nii"): (24, 24, 12),
+        str(folder / "a.nii.gz"): (22, 22, 12),
+        str(folder / "a_2.nii.gz"): (20, 20, 12),
+    }
     assert any("inference: 3 case(s): 3 ok, 0 failed" in r.getMessage() for r in caplog.records)
 
 
@@ -182,7 +222,10 @@ def test_two_folders_with_the_same_case_name_into_one_output_folder_keep_both(tm
     assert Path(rows["patient01"]["mask"]).read_bytes() == mask_a
     assert nib.load(rows["patient01_2"]["mask"]).shape == (20, 20, 12)
     # the same input again keeps its name (a rerun replaces its own row)
-    assert sorted(infer("aiva_brain", tmp_path / "site_b", tmp_path / "out", checkpoint)) == ["patient01", "patient01_2"]
+    assert sorted(infer("aiva_brain", tmp_path / "site_b", tmp_path / "out", checkpoint)) == [
+        "patient01",
+        "patient01_2",
+    ]
 
 
 # -- 3. MEDIUM: a stale or new mask beside a failed row ------------------------------------------------------------
@@ -194,10 +237,18 @@ def test_a_case_failing_after_its_mask_was_written_leaves_no_mask(bundle, tmp_pa
     """The overlay (after the mask) fails: the row says failed and the new mask is removed with it."""
     suffix = BUNDLES[bundle][0]
     save(tmp_path / "scans" / "case.nii.gz")
-    transforms = json.loads((REPOSITORY / "bundles" / bundle / "configs" / "inference.json").read_text())["postprocessing"]["transforms"]
+    transforms = json.loads((REPOSITORY / "bundles" / bundle / "configs" / "inference.json").read_text())[
+        "postprocessing"
+    ]["transforms"]
     overlay = next(i for i, t in enumerate(transforms) if t["_target_"].endswith("SaveOverlayd"))
-    rows = infer(bundle, tmp_path / "scans", tmp_path / "out", checkpoint, exit_code=ExitCode.ALL_FAILED,
-                 **{f"postprocessing#transforms#{overlay}#image_key": "no_such_key"})
+    rows = infer(
+        bundle,
+        tmp_path / "scans",
+        tmp_path / "out",
+        checkpoint,
+        exit_code=ExitCode.ALL_FAILED,
+        **{f"postprocessing#transforms#{overlay}#image_key": "no_such_key"},
+    )
     assert rows["case"]["status"] == "failed" and "KeyError" in rows["case"]["message"] and rows["case"]["mask"] == ""
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["summary.csv"]
     assert not (tmp_path / "out" / f"case{suffix}.nii.gz").exists()
@@ -206,8 +257,10 @@ def test_a_case_failing_after_its_mask_was_written_leaves_no_mask(bundle, tmp_pa
 def test_a_single_slice_image_is_a_clear_failure_with_no_output(tmp_path, checkpoint):
     save(tmp_path / "scans" / "flat.nii.gz", head_like((40, 40, 1)))
     rows = infer("aiva_brain", tmp_path / "scans", tmp_path / "out", checkpoint, exit_code=ExitCode.ALL_FAILED)
-    assert rows["flat"]["message"] == (f"{tmp_path / 'scans' / 'flat.nii.gz'}: a single slice of shape (40, 40, 1): "
-                                       "expected a volume with at least 2 voxels along each axis.")
+    assert rows["flat"]["message"] == (
+        f"{tmp_path / 'scans' / 'flat.nii.gz'}: a single slice of shape (40, 40, 1): "
+        "expected a volume with at least 2 voxels along each axis."
+    )
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["summary.csv"]
 
 
@@ -220,9 +273,11 @@ def test_a_dicom_series_with_a_missing_slice_fails_clearly(tmp_path, checkpoint)
     rows = infer("aiva_brain", tmp_path / "scans", tmp_path / "out", checkpoint, exit_code=ExitCode.SOME_FAILED)
     assert rows["complete"]["status"] == "ok"
     assert rows["gappy"]["status"] == "failed" and rows["gappy"]["mask"] == ""
-    assert rows["gappy"]["message"] == (f"{tmp_path / 'scans' / 'gappy'}: uneven slice spacing: 4 mm between im0005.dcm and "
-                                        "im0007.dcm, 2 mm elsewhere (about 1 slice(s) missing); the series is incomplete or "
-                                        "mixed: export it again.")
+    assert rows["gappy"]["message"] == (
+        f"{tmp_path / 'scans' / 'gappy'}: uneven slice spacing: 4 mm between im0005.dcm and "
+        "im0007.dcm, 2 mm elsewhere (about 1 slice(s) missing); the series is incomplete or "
+        "mixed: export it again."
+    )
     assert not list((tmp_path / "out").glob("gappy*"))
 
 
@@ -236,7 +291,9 @@ def test_two_acquisitions_under_one_series_uid_fail_clearly(tmp_path):
     write_series(tmp_path / "two", series_uid="1.2.826.0.1.3680043.2.1125.7.3")
     write_series(tmp_path / "two", series_uid="1.2.826.0.1.3680043.2.1125.7.4", first_instance=101)
     assert [(c["case"], c["series"]) for c in find_scans(tmp_path / "two")] == [
-        ("two", "1.2.826.0.1.3680043.2.1125.7.3"), ("two_1", "1.2.826.0.1.3680043.2.1125.7.4")]
+        ("two", "1.2.826.0.1.3680043.2.1125.7.3"),
+        ("two_1", "1.2.826.0.1.3680043.2.1125.7.4"),
+    ]
 
 
 # -- 5. MEDIUM: the exit code says whether cases failed --------------------------------------------------------------
@@ -244,8 +301,20 @@ def test_two_acquisitions_under_one_series_uid_fail_clearly(tmp_path):
 
 def command(bundle, dataset_dir, output_dir, checkpoint, cwd):
     """``python -m monai.bundle run`` of ``bundle``'s inference.json (the small network), as a user runs it."""
-    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(REPOSITORY / "bundles" / bundle / "configs" / "inference.json"),
-            "--dataset_dir", str(dataset_dir), "--output_dir", str(output_dir), "--checkpoint", str(checkpoint)]
+    args = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(REPOSITORY / "bundles" / bundle / "configs" / "inference.json"),
+        "--dataset_dir",
+        str(dataset_dir),
+        "--output_dir",
+        str(output_dir),
+        "--checkpoint",
+        str(checkpoint),
+    ]
     for key, value in BUNDLES[bundle][1].items():
         args += [f"--{key}", str(value).replace(" ", "")]
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, encoding="utf-8", timeout=600)
@@ -262,7 +331,10 @@ def test_exit_codes_of_the_command(tmp_path, checkpoint):
     (tmp_path / "empty").mkdir()
     done = command("aiva_brain", tmp_path / "empty", tmp_path / "out2", checkpoint, tmp_path)
     assert done.returncode == ExitCode.SETUP_FAILED == 2
-    assert f"inference not started: {tmp_path / 'empty'}: no NIfTI file (.nii, .nii.gz) and no DICOM series under it." in done.stdout + done.stderr
+    assert (
+        f"inference not started: {tmp_path / 'empty'}: no NIfTI file (.nii, .nii.gz) and no DICOM series under it."
+        in done.stdout + done.stderr
+    )
     assert "Traceback" not in done.stderr and "Failed to evaluate" not in done.stderr
 
 
@@ -276,8 +348,14 @@ def test_exit_code_when_every_case_fails_or_the_setup_fails(bundle, tmp_path, ch
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(SystemExit) as ended:
-        run(config_file=str(REPOSITORY / "bundles" / bundle / "configs" / "inference.json"), dataset_dir=str(tmp_path / "bad"),
-            output_dir=str(blocker / "out"), checkpoint=str(checkpoint), logging_file=False, **BUNDLES[bundle][1])
+        run(
+            config_file=str(REPOSITORY / "bundles" / bundle / "configs" / "inference.json"),
+            dataset_dir=str(tmp_path / "bad"),
+            output_dir=str(blocker / "out"),
+            checkpoint=str(checkpoint),
+            logging_file=False,
+            **BUNDLES[bundle][1],
+        )
     assert ended.value.code == ExitCode.SETUP_FAILED
     assert ended.value.message.startswith(f"inference not started: output_dir {blocker / 'out'} is not writable")
 
@@ -313,11 +391,16 @@ def test_symlinks_loops_dangling_and_outside_folders(tmp_path, checkpoint, caplo
         rows = infer("aiva_brain", folder, tmp_path / "out", checkpoint, exit_code=ExitCode.SOME_FAILED)
     assert sorted(rows) == ["a", "dangling", "linked"]
     assert rows["dangling"]["status"] == "failed"
-    assert rows["dangling"]["message"] == f"{folder / 'dangling.nii.gz'}: a broken link (to {tmp_path / 'gone.nii.gz'}): the file it points to does not exist."
+    assert rows["dangling"]["message"] == (
+        f"{folder / 'dangling.nii.gz'}: a broken link (to {tmp_path / 'gone.nii.gz'}): "
+        "the file it points to does not exist."
+    )
     assert rows["a"]["status"] == rows["linked"]["status"] == "ok"
     messages = [r.getMessage() for r in caplog.records]
     assert any(f"{folder / 'loop'}: a link to the folder {folder}, not followed" in m for m in messages)
-    assert any(f"{folder / 'outside'}: a link to the folder {tmp_path / 'elsewhere'}, not followed" in m for m in messages)
+    assert any(
+        f"{folder / 'outside'}: a link to the folder {tmp_path / 'elsewhere'}, not followed" in m for m in messages
+    )
     assert any(f"{folder / 'notes.txt'}: a broken link" in m for m in messages)
 
 
@@ -345,7 +428,12 @@ def test_temporary_files_of_a_killed_run_are_removed_by_the_rerun(tmp_path, chec
     save(tmp_path / "scans" / "a.nii.gz")
     out = tmp_path / "out"
     out.mkdir()
-    leftovers = [".a_brainmask.k2j9_x0q.nii.gz", ".a_brainmask.p0o9i8u7.png", ".summary.abcdefgh.csv", ".write_test.zz11yy22"]
+    leftovers = [
+        ".a_brainmask.k2j9_x0q.nii.gz",
+        ".a_brainmask.p0o9i8u7.png",
+        ".summary.abcdefgh.csv",
+        ".write_test.zz11yy22",
+    ]
     for name in leftovers:
         (out / name).write_bytes(b"half")
     (out / ".keep_me").write_text("not ours")
@@ -361,12 +449,19 @@ def test_implausible_and_singular_headers_are_named_not_allocated(tmp_path, chec
     nib.save(singular, str(folder / "singular.nii.gz"))
     save(folder / "fine.nii.gz")
     rows = infer("aiva_brain", folder, tmp_path / "out", checkpoint, exit_code=ExitCode.SOME_FAILED)
-    assert rows["microns"]["message"] == (f"{folder / 'microns.nii.gz'}: voxel size [1000.0, 1000.0, 1000.0] mm is implausible for "
-                                          "an MRI scan (expected 0.01-50 mm): is the header in microns or metres? fix pixdim.")
-    assert rows["singular"]["message"].startswith(f"{folder / 'singular.nii.gz'}: the header's affine is singular or not finite")
+    assert rows["microns"]["message"] == (
+        f"{folder / 'microns.nii.gz'}: voxel size [1000.0, 1000.0, 1000.0] mm is implausible for "
+        "an MRI scan (expected 0.01-50 mm): is the header in microns or metres? fix pixdim."
+    )
+    assert rows["singular"]["message"].startswith(
+        f"{folder / 'singular.nii.gz'}: the header's affine is singular or not finite"
+    )
     assert rows["fine"]["status"] == "ok"
     # the resampled grid is capped before it is allocated
     image = save(tmp_path / "fine.nii.gz")
-    with pytest.raises(ValueError, match=r"fine\.nii\.gz: resampling to \[0\.05, 0\.05, 0\.05\] mm would make a grid of 960 x 960 x 480 voxels"):
+    with pytest.raises(
+        ValueError,
+        match=r"fine\.nii\.gz: resampling to \[0\.05, 0\.05, 0\.05\] mm would make a grid of 960 x 960 x 480 voxels",
+    ):
         LoadScand(pixdim=[0.05, 0.05, 0.05])({"image": str(image)})
     assert LoadScand(pixdim=[2.0, 2.0, 2.0])({"image": str(image)})["image"].shape == (1, 24, 24, 12)

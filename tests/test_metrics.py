@@ -49,8 +49,16 @@ def test_spacing_is_applied_along_the_right_axis(use_subvoxels):
     metric = VolumeSurfaceDiceMetric(tolerance_mm=1.0, use_subvoxels=use_subvoxels)
     fine_axis0 = torch.diag(torch.tensor([0.5, 1.0, 3.0, 1.0]))  # the shift is 0.5 mm
     coarse_axis0 = torch.diag(torch.tensor([3.0, 1.0, 0.5, 1.0]))  # the shift is 3 mm
-    assert metric(MetaTensor(one_hot(shifted), affine=fine_axis0), MetaTensor(one_hot(truth), affine=fine_axis0)).item() == 1.0
-    assert metric(MetaTensor(one_hot(shifted), affine=coarse_axis0), MetaTensor(one_hot(truth), affine=coarse_axis0)).item() < 0.95
+    assert (
+        metric(MetaTensor(one_hot(shifted), affine=fine_axis0), MetaTensor(one_hot(truth), affine=fine_axis0)).item()
+        == 1.0
+    )
+    assert (
+        metric(
+            MetaTensor(one_hot(shifted), affine=coarse_axis0), MetaTensor(one_hot(truth), affine=coarse_axis0)
+        ).item()
+        < 0.95
+    )
 
 
 def test_spacing_from_an_oblique_affine():
@@ -74,10 +82,15 @@ def test_handler_scores_each_volume_with_its_own_spacing():
     volumes = [torch.diag(torch.tensor([s, 1.0, 1.0, 1.0])) for s in (0.5, 3.0)]
 
     def step(engine, affine):
-        return {"pred": [MetaTensor(one_hot(shifted)[0], affine=affine)], "label": [MetaTensor(one_hot(truth)[0], affine=affine)]}
+        return {
+            "pred": [MetaTensor(one_hot(shifted)[0], affine=affine)],
+            "label": [MetaTensor(one_hot(truth)[0], affine=affine)],
+        }
 
     evaluator = Engine(step)
-    SurfaceDiceHandler(tolerance_mm=1.0, output_transform=lambda out: (out["pred"], out["label"])).attach(evaluator, "sdice")
+    SurfaceDiceHandler(tolerance_mm=1.0, output_transform=lambda out: (out["pred"], out["label"])).attach(
+        evaluator, "sdice"
+    )
     evaluator.run(volumes)
     details = evaluator.state.metric_details["sdice"].reshape(-1).tolist()
     assert details[0] == 1.0 and details[1] < 0.95

@@ -16,11 +16,28 @@ from aiva_monai.data.demo import phantom_head
 from aiva_monai.data.prostate import phantom_pelvis
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
-REQUIRED = ["configs/metadata.json", "configs/pretrain.json", "configs/train.json", "configs/evaluate.json", "configs/inference.json",
-            "configs/logging.conf", "docs/README.md", "LICENSE"]
+REQUIRED = [
+    "configs/metadata.json",
+    "configs/pretrain.json",
+    "configs/train.json",
+    "configs/evaluate.json",
+    "configs/inference.json",
+    "configs/logging.conf",
+    "docs/README.md",
+    "LICENSE",
+]
 # the model-zoo README layout, in this order
-CARD_HEADINGS = ["# Model Overview", "## Data", "## Training configuration", "## Input and output formats", "## Performance",
-                 "## MONAI Bundle Commands", "# Disclaimer", "# References", "# License"]
+CARD_HEADINGS = [
+    "# Model Overview",
+    "## Data",
+    "## Training configuration",
+    "## Input and output formats",
+    "## Performance",
+    "## MONAI Bundle Commands",
+    "# Disclaimer",
+    "# References",
+    "# License",
+]
 
 
 @pytest.mark.parametrize("bundle", ["aiva_brain", "aiva_prostate"])
@@ -41,8 +58,13 @@ def test_required_files_metadata_and_model_card(bundle):
 def test_verify_net_in_out(bundle):
     configs = BUNDLES / bundle / "configs"
     # builds network_def from the inference config and runs it on the metadata's input shape
-    verify_net_in_out(net_id="network_def", meta_file=str(configs / "metadata.json"), config_file=str(configs / "inference.json"),
-                      device="cpu", n=1)
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(configs / "metadata.json"),
+        config_file=str(configs / "inference.json"),
+        device="cpu",
+        n=1,
+    )
 
 
 def preprocessed_slice(image: np.ndarray, affine: np.ndarray, parser: ConfigParser) -> torch.Tensor:
@@ -59,8 +81,12 @@ def preprocessed_slice(image: np.ndarray, affine: np.ndarray, parser: ConfigPars
 
 def exported_outputs_agree(bundle, checkpoint, slice_, tmp_path):
     configs = BUNDLES / bundle / "configs"
-    common = dict(net_id="network_def", ckpt_file=str(checkpoint), meta_file=str(configs / "metadata.json"),
-                  config_file=str(configs / "inference.json"))
+    common = dict(
+        net_id="network_def",
+        ckpt_file=str(checkpoint),
+        meta_file=str(configs / "metadata.json"),
+        config_file=str(configs / "inference.json"),
+    )
     ckpt_export(filepath=str(tmp_path / "model.ts"), **common)
     onnx_export(filepath=str(tmp_path / "model.onnx"), input_shape=list(slice_.shape), **common)
 

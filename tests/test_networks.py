@@ -11,7 +11,15 @@ def small_networks():
         "BasicUNet": (BasicUNet(2, 1, 2, features=(4, 4, 8, 8, 16, 4)), (16, 4, 4)),
         "UNet": (UNet(2, 1, 2, channels=(4, 8, 16, 32), strides=(2, 2, 2)), (32, 8, 8)),
         "DynUNet": (
-            DynUNet(2, 1, 2, kernel_size=[3, 3, 3, 3], strides=[1, 2, 2, 2], upsample_kernel_size=[2, 2, 2], filters=[4, 8, 16, 32]),
+            DynUNet(
+                2,
+                1,
+                2,
+                kernel_size=[3, 3, 3, 3],
+                strides=[1, 2, 2, 2],
+                upsample_kernel_size=[2, 2, 2],
+                filters=[4, 8, 16, 32],
+            ),
             (32, 8, 8),
         ),
         "PreActResUNet": (PreActResUNet(channels=(4, 8, 16, 32), blocks_per_level=1), (32, 8, 8)),
@@ -84,8 +92,16 @@ def batch_norm_networks():
     return {
         "BasicUNet": BasicUNet(2, 1, 2, features=(4, 4, 8, 8, 16, 4), norm="batch"),
         "UNet": UNet(2, 1, 2, channels=(4, 8, 16, 32), strides=(2, 2, 2), norm="batch"),
-        "DynUNet": DynUNet(2, 1, 2, kernel_size=[3, 3, 3, 3], strides=[1, 2, 2, 2], upsample_kernel_size=[2, 2, 2],
-                           filters=[4, 8, 16, 32], norm_name="batch"),
+        "DynUNet": DynUNet(
+            2,
+            1,
+            2,
+            kernel_size=[3, 3, 3, 3],
+            strides=[1, 2, 2, 2],
+            upsample_kernel_size=[2, 2, 2],
+            filters=[4, 8, 16, 32],
+            norm_name="batch",
+        ),
         "PreActResUNet": PreActResUNet(channels=(4, 8, 16, 32), blocks_per_level=1),
     }
 

@@ -13,11 +13,15 @@ def test_frozen_decoder_keeps_its_weights_and_passes_gradients_through():
     trainable = trainable_parameters(network, ["decoder"])
     decoder = {id(p) for p in network.decoder.parameters()}
     assert {id(p) for p in trainable} == {id(p) for p in network.parameters()} - decoder
-    before = {k: v.clone() for k, v in network.decoder.state_dict().items() if "running" not in k and "num_batches" not in k}
+    before = {
+        k: v.clone() for k, v in network.decoder.state_dict().items() if "running" not in k and "num_batches" not in k
+    }
     optimizer = torch.optim.SGD(trainable, lr=0.1)
     network(torch.rand(2, 1, 16, 16)).square().mean().backward()
     assert all(p.grad is None for p in network.decoder.parameters())
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in network.encoder.parameters())  # through the decoder
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in network.encoder.parameters()
+    )  # through the decoder
     optimizer.step()
     after = network.decoder.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

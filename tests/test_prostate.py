@@ -63,13 +63,17 @@ def test_reader_errors_name_the_problem(tmp_path, release):
     with pytest.raises(FileNotFoundError, match="prostate folder .*missing does not exist"):
         find_prostate(tmp_path / "missing")
     write_case(release / "HK", "Case07", mask=False)
-    (release / "HK" / "Case09_segmentation.nii.gz").write_bytes((release / "HK" / "Case00_segmentation.nii.gz").read_bytes())
+    (release / "HK" / "Case09_segmentation.nii.gz").write_bytes(
+        (release / "HK" / "Case00_segmentation.nii.gz").read_bytes()
+    )
     with pytest.raises(ValueError, match=r"site F: masks without an image .*Case09"):
         find_prostate(release)
     (release / "HK" / "Case09_segmentation.nii.gz").unlink()
     no_mask = {e["subject"]: e for e in find_prostate(release)}["F_Case07"]
     assert "label" not in no_mask  # an unlabelled case is kept (usable as unlabelled target data)
-    (release / "HK" / "Case00_Segmentation.nii.gz").write_bytes((release / "HK" / "Case00_segmentation.nii.gz").read_bytes())
+    (release / "HK" / "Case00_Segmentation.nii.gz").write_bytes(
+        (release / "HK" / "Case00_segmentation.nii.gz").read_bytes()
+    )
     with pytest.raises(ValueError, match="site F: two masks for Case00"):
         find_prostate(release)
     (release / "HK" / "Case00_Segmentation.nii.gz").unlink()
@@ -110,7 +114,9 @@ def test_leave_one_site_out_sources(release, tmp_path):
 def test_preprocessing_merges_zonal_labels_and_normalises_each_volume(release):
     entry = {e["subject"]: e for e in find_prostate(release)}["E_Case01"]
     assert set(np.unique(nib.load(entry["label"]).get_fdata())) == {0, 1, 2}
-    transform = volume_transforms(pixdim=None, in_plane_size=(12, 10), slice_axis=2, intensity="zscore", merge_labels=True, compact=False)
+    transform = volume_transforms(
+        pixdim=None, in_plane_size=(12, 10), slice_axis=2, intensity="zscore", merge_labels=True, compact=False
+    )
     out = transform(dict(entry))
     assert set(torch.unique(out["label"]).tolist()) == {0.0, 1.0}
     assert int(out["label"].sum()) == 2 * 2 * 4 * 2  # both zones kept as foreground
@@ -154,8 +160,12 @@ def test_dice_empty_prediction_scores_zero_and_largest_component():
     assert rows[0]["dice"] == 0.0 and rows[0]["predicted_ml"] == 0.0  # not an all-ones mask
     rows = evaluate_volumes(network, Dataset([_volume_pair(with_blob, reference)]), inferer, tolerances_mm=())
     expected = 2 * reference.sum() / (with_blob.sum() + reference.sum())
-    assert rows[0]["dice"] == pytest.approx(expected, abs=1e-4) and rows[0]["subject"] == "case" and rows[0]["site"] == "F"
-    rows = evaluate_volumes(network, Dataset([_volume_pair(with_blob, reference)]), inferer, tolerances_mm=(), largest_component=True)
+    assert (
+        rows[0]["dice"] == pytest.approx(expected, abs=1e-4) and rows[0]["subject"] == "case" and rows[0]["site"] == "F"
+    )
+    rows = evaluate_volumes(
+        network, Dataset([_volume_pair(with_blob, reference)]), inferer, tolerances_mm=(), largest_component=True
+    )
     assert rows[0]["dice"] == pytest.approx(1.0)
 
 

@@ -38,8 +38,14 @@ def small_checkpoint(tmp_path_factory):
 
 
 def run_inference(dataset_dir, output_dir, checkpoint):
-    run(config_file=str(CONFIGS / "inference.json"), dataset_dir=str(dataset_dir), output_dir=str(output_dir),
-        checkpoint=str(checkpoint), logging_file=False, **SMALL)
+    run(
+        config_file=str(CONFIGS / "inference.json"),
+        dataset_dir=str(dataset_dir),
+        output_dir=str(output_dir),
+        checkpoint=str(checkpoint),
+        logging_file=False,
+        **SMALL,
+    )
 
 
 def infer(dataset_dir, output_dir, checkpoint, exit_code=ExitCode.OK):
@@ -70,8 +76,12 @@ def save(path, array, affine=None):
 def volume_pair(folder, image=None, label=None, label_affine=None):
     image = head_like((24, 24, 12)) if image is None else image
     label = (head_like((24, 24, 12)) > 50).astype(np.uint8) if label is None else label
-    return {"image": str(save(folder / "img.nii.gz", image)), "label": str(save(folder / "lab.nii.gz", label, label_affine)),
-            "subject": "s1", "site": "a"}
+    return {
+        "image": str(save(folder / "img.nii.gz", image)),
+        "label": str(save(folder / "lab.nii.gz", label, label_affine)),
+        "subject": "s1",
+        "site": "a",
+    }
 
 
 def slices(entry):
@@ -93,11 +103,15 @@ def test_corrupt_and_truncated_nifti(tmp_path):
     truncated.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(ValueError) as error:
         read_scan({"image": str(truncated)})
-    assert str(error.value) == (f"{truncated}: cannot be read as a nifti image "
-                                "(Compressed file ended before the end-of-stream marker was reached).")
+    assert str(error.value) == (
+        f"{truncated}: cannot be read as a nifti image "
+        "(Compressed file ended before the end-of-stream marker was reached)."
+    )
     plain = save(tmp_path / "plain.nii", head_like((24, 24, 12))).read_bytes()
     (tmp_path / "truncated.nii").write_bytes(plain[: len(plain) // 2])
-    with pytest.raises(ValueError, match=r"truncated\.nii: cannot be read as a nifti image \(Expected \d+ bytes, got \d+ bytes"):
+    with pytest.raises(
+        ValueError, match=r"truncated\.nii: cannot be read as a nifti image \(Expected \d+ bytes, got \d+ bytes"
+    ):
         read_scan({"image": str(tmp_path / "truncated.nii")})
 
     # the training path: named before caching (header) or while caching (data)
@@ -107,8 +121,10 @@ def test_corrupt_and_truncated_nifti(tmp_path):
     assert str(error.value) == f"image file {garbage} cannot be read as NIfTI: File {garbage} is not a gzip file"
     with pytest.raises(ValueError) as error:
         slices({**entry, "image": str(truncated)})
-    assert str(error.value) == (f"volume (image {truncated}, label {entry['label']}) cannot be loaded and preprocessed: "
-                                "EOFError: Compressed file ended before the end-of-stream marker was reached")
+    assert str(error.value) == (
+        f"volume (image {truncated}, label {entry['label']}) cannot be loaded and preprocessed: "
+        "EOFError: Compressed file ended before the end-of-stream marker was reached"
+    )
 
 
 # -- 2D or 4D where 3D is expected -------------------------------------------------------------------------------
@@ -122,7 +138,10 @@ def test_2d_and_4d_images(tmp_path):
     assert str(error.value) == f"{flat}: expected a 3D image, got a 2D image (one slice) of shape (24, 24)."
     with pytest.raises(ValueError) as error:
         read_scan({"image": str(series)})
-    assert str(error.value) == f"{series}: expected a 3D image, got a 4D image (a time series or several volumes) of shape (24, 24, 12, 3)."
+    assert (
+        str(error.value)
+        == f"{series}: expected a 3D image, got a 4D image (a time series or several volumes) of shape (24, 24, 12, 3)."
+    )
     single = save(tmp_path / "single.nii.gz", head_like((24, 24, 12))[..., None])
     assert read_scan({"image": str(single)}).shape == (1, 24, 24, 12)  # a trailing axis of length 1 is fine
 
@@ -132,8 +151,10 @@ def test_2d_and_4d_images(tmp_path):
     assert str(error.value) == f"image file {flat}: expected a 3D volume, got a 2D (one slice) image of shape (24, 24)."
     with pytest.raises(ValueError) as error:
         slices({**entry, "image": str(series)})
-    assert str(error.value) == (f"image file {series}: expected a 3D volume, got a 4D (a time series or several volumes) "
-                                "image of shape (24, 24, 12, 3).")
+    assert str(error.value) == (
+        f"image file {series}: expected a 3D volume, got a 4D (a time series or several volumes) "
+        "image of shape (24, 24, 12, 3)."
+    )
 
 
 # -- image and mask of different shape or affine -----------------------------------------------------------------
@@ -143,8 +164,10 @@ def test_image_and_mask_of_different_shape_or_affine(tmp_path):
     shape = volume_pair(tmp_path / "shape", label=np.zeros((24, 24, 10), np.uint8))
     with pytest.raises(ValueError) as error:
         slices(shape)
-    assert str(error.value) == (f"label file {shape['label']} has shape (24, 24, 10) but image file {shape['image']} has "
-                                "shape (24, 24, 12): they must be in the same voxel grid.")
+    assert str(error.value) == (
+        f"label file {shape['label']} has shape (24, 24, 10) but image file {shape['image']} has "
+        "shape (24, 24, 12): they must be in the same voxel grid."
+    )
     shifted = np.eye(4)
     shifted[:3, 3] = [0.0, 4.0, 0.0]
     affine = volume_pair(tmp_path / "affine", label_affine=shifted)
@@ -170,8 +193,10 @@ def test_nan_or_inf_intensities(tmp_path, small_checkpoint):
     broken = save(tmp_path / "scans" / "broken.nii.gz", image)
     with pytest.raises(ValueError) as error:
         read_scan({"image": str(broken)})
-    assert str(error.value) == (f"{broken}: 1 NaN and 2 Inf intensities (of 6912 voxels); "
-                                "a scan with missing values is not segmented: fix or re-export the file.")
+    assert str(error.value) == (
+        f"{broken}: 1 NaN and 2 Inf intensities (of 6912 voxels); "
+        "a scan with missing values is not segmented: fix or re-export the file."
+    )
     save(tmp_path / "scans" / "fine.nii.gz", head_like((24, 24, 12)))
     rows = infer(tmp_path / "scans", tmp_path / "out", small_checkpoint, exit_code=ExitCode.SOME_FAILED)
     assert rows["broken"]["status"] == "failed" and rows["broken"]["message"] == str(error.value)
@@ -183,7 +208,8 @@ def test_nan_or_inf_intensities(tmp_path, small_checkpoint):
     with pytest.raises(ValueError) as error:
         slices(entry)
     assert str(error.value).startswith(f"volume {entry['image']}: ") and str(error.value).endswith(
-        "NaN or Inf values in 'image' after preprocessing (the file holds NaN or Inf intensities, or overflows the cache type); "
+        "NaN or Inf values in 'image' after preprocessing "
+        "(the file holds NaN or Inf intensities, or overflows the cache type); "
         "fix the file or drop it from the datalist."
     )
     # the documented fallback: a few Inf voxels are clipped to the 99.5th percentile by the intensity scaling
@@ -234,14 +260,19 @@ def test_empty_or_missing_folders(tmp_path, small_checkpoint):
     with pytest.raises(FileNotFoundError) as error:
         resolve_datalist(tmp_path / "missing", None, tmp_path / "out")
     assert str(error.value) == f"dataset_dir {tmp_path / 'missing'} does not exist."
-    with pytest.raises(FileNotFoundError, match=f"dataset_dir {tmp_path / 'empty'}: no CC359 files .* and no datalist.json"):
+    with pytest.raises(
+        FileNotFoundError, match=f"dataset_dir {tmp_path / 'empty'}: no CC359 files .* and no datalist.json"
+    ):
         resolve_datalist(tmp_path / "empty", None, tmp_path / "out")
     entry = volume_pair(tmp_path / "pair")
     datalist = tmp_path / "datalist.json"
     datalist.write_text(f'{{"training": [{{"image": "{entry["image"]}", "label": "{entry["label"]}", "site": "a"}}]}}')
     with pytest.raises(ValueError) as error:
         load_datalist(datalist, "training", sites="target_site")
-    assert str(error.value) == f"datalist {datalist}: no 'training' entries of site(s) ['target_site']; sites present: ['a']."
+    assert (
+        str(error.value)
+        == f"datalist {datalist}: no 'training' entries of site(s) ['target_site']; sites present: ['a']."
+    )
     with pytest.raises(ValueError, match="SliceDataset got an empty datalist: no volume to slice."):
         SliceDataset([], volume_transforms(), keys=("image",))
 
@@ -253,7 +284,10 @@ def test_fewer_target_slices_than_clusters():
     source = np.random.default_rng(0).normal(size=(20, 4, 2, 2)).astype(np.float32)
     with pytest.raises(ValueError) as error:
         cluster_sites(source, source[:2], n_clusters=3, tsne_method="sklearn")
-    assert str(error.value) == "the target site has 2 samples, fewer than n_clusters=3: lower n_clusters or add target data."
+    assert (
+        str(error.value)
+        == "the target site has 2 samples, fewer than n_clusters=3: lower n_clusters or add target data."
+    )
 
 
 def test_target_batch_with_no_clustered_sample_gives_a_zero_differentiable_alignment_loss():
@@ -287,8 +321,10 @@ def test_unwritable_output_folder_fails_before_any_work(tmp_path, small_checkpoi
     with pytest.raises(InferenceExit) as error:
         run_inference(tmp_path / "scans", blocker / "out", small_checkpoint)
     assert isinstance(root_cause(error.value), PermissionError)
-    assert str(root_cause(error.value)) == (f"output_dir {blocker / 'out'} is not writable (Not a directory): "
-                                            "choose another --output_dir or fix its permissions.")
+    assert str(root_cause(error.value)) == (
+        f"output_dir {blocker / 'out'} is not writable (Not a directory): "
+        "choose another --output_dir or fix its permissions."
+    )
 
 
 def test_read_only_output_folder_fails_before_any_work(tmp_path, small_checkpoint):
@@ -302,8 +338,10 @@ def test_read_only_output_folder_fails_before_any_work(tmp_path, small_checkpoin
         with pytest.raises(InferenceExit) as error:
             run_inference(tmp_path / "scans", locked, small_checkpoint)
         assert isinstance(root_cause(error.value), PermissionError)
-        assert str(root_cause(error.value)) == (f"output_dir {locked} is not writable (Permission denied): "
-                                                "choose another --output_dir or fix its permissions.")
+        assert str(root_cause(error.value)) == (
+            f"output_dir {locked} is not writable (Permission denied): "
+            "choose another --output_dir or fix its permissions."
+        )
         assert list(locked.iterdir()) == []
         with pytest.raises(PermissionError, match=f"summary_file folder {locked} is not writable"):
             check_writable_dir(locked, "summary_file folder")
@@ -320,7 +358,10 @@ def test_missing_or_corrupt_checkpoint(tmp_path, small_checkpoint):
     with pytest.raises(InferenceExit) as error:
         run_inference(tmp_path / "scans", tmp_path / "out", missing)
     assert isinstance(root_cause(error.value), FileNotFoundError)
-    assert str(root_cause(error.value)) == f"checkpoint {missing} does not exist: set --checkpoint to the model weights file (.pt)."
+    assert (
+        str(root_cause(error.value))
+        == f"checkpoint {missing} does not exist: set --checkpoint to the model weights file (.pt)."
+    )
     assert not (tmp_path / "out" / "summary.csv").exists() and not list((tmp_path / "out").glob("*.nii.gz"))
 
     network = PreActResUNet(channels=(8, 16, 32, 64), blocks_per_level=1)
@@ -352,7 +393,9 @@ def test_a_case_that_fails_on_a_rerun_leaves_no_stale_output(tmp_path, small_che
 
     case_a.write_bytes(case_a.read_bytes()[:200])  # truncated
     second = infer(scans, tmp_path / "out", small_checkpoint, exit_code=ExitCode.SOME_FAILED)
-    assert second["a"]["status"] == "failed" and second["a"]["message"].startswith(f"{case_a}: cannot be read as a nifti image")
+    assert second["a"]["status"] == "failed" and second["a"]["message"].startswith(
+        f"{case_a}: cannot be read as a nifti image"
+    )
     assert second["a"]["mask"] == second["a"]["overlay"] == ""
     assert second["b"]["status"] == "ok"
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith("a_")]
@@ -369,4 +412,6 @@ def test_an_unreadable_summary_is_kept_aside_not_overwritten(tmp_path, small_che
     rows = infer(tmp_path / "scans", tmp_path / "out", small_checkpoint)
     assert list(rows) == ["oblique_case"]
     assert (tmp_path / "out" / "summary.csv.unreadable").read_bytes() == b"\xff\xfe\x00 not a CSV"
-    assert any("cannot be read" in r.getMessage() and "summary.csv.unreadable" in r.getMessage() for r in caplog.records)
+    assert any(
+        "cannot be read" in r.getMessage() and "summary.csv.unreadable" in r.getMessage() for r in caplog.records
+    )

@@ -27,7 +27,14 @@ RECORDS = [
 
 @pytest.mark.parametrize(
     "rule, epoch",
-    [("source_best", 2), ("source_lowest", 3), ("last", 5), ("target_entropy", 2), ("target_im", 3), ("target_agreement", 4)],
+    [
+        ("source_best", 2),
+        ("source_lowest", 3),
+        ("last", 5),
+        ("target_entropy", 2),
+        ("target_im", 3),
+        ("target_agreement", 4),
+    ],
 )
 def test_each_rule_picks_its_planted_checkpoint(rule, epoch):
     assert choose(RECORDS, rule)["epoch"] == epoch

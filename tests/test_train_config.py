@@ -9,8 +9,19 @@ from aiva_monai.bundle import handler_of
 from aiva_monai.data.demo import make_demo_dataset
 from tests.test_bundle_brain import CONFIGS
 
-KEYS = ("selection", "batchnorm", "adabn_start", "final_adabn", "target_pass", "lambda_reference", "target_means",
-        "cluster_weighting", "frozen_modules", "bottleneck", "poly_schedule")
+KEYS = (
+    "selection",
+    "batchnorm",
+    "adabn_start",
+    "final_adabn",
+    "target_pass",
+    "lambda_reference",
+    "target_means",
+    "cluster_weighting",
+    "frozen_modules",
+    "bottleneck",
+    "poly_schedule",
+)
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +32,9 @@ def datalist(tmp_path_factory):
 def parse(datalist, tmp_path, **overrides):
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "train.json"))
-    parser.update({"datalist": str(datalist), "output_dir": str(tmp_path), "device": "$torch.device('cpu')", **overrides})
+    parser.update(
+        {"datalist": str(datalist), "output_dir": str(tmp_path), "device": "$torch.device('cpu')", **overrides}
+    )
     return parser
 
 
@@ -29,7 +42,9 @@ def test_every_option_is_a_key_with_a_default(datalist, tmp_path):
     parser = parse(datalist, tmp_path)
     for key in KEYS:
         assert key in parser, key
-    assert parser.get_parsed_content("target_pass") == ("encoder" if parser.get_parsed_content("final_adabn") else "full")
+    assert parser.get_parsed_content("target_pass") == (
+        "encoder" if parser.get_parsed_content("final_adabn") else "full"
+    )
 
 
 def test_poly_schedule_switches_the_scheduler_handler_and_checkpoints_it(datalist, tmp_path):
@@ -53,7 +68,9 @@ def test_frozen_modules_leave_the_decoder_out_of_the_optimiser(datalist, tmp_pat
     decoder = {id(p) for p in network.decoder.parameters()}
     assert optimised and not optimised & decoder and optimised | decoder == {id(p) for p in network.parameters()}
     everything = parse(datalist, tmp_path / "all", frozen_modules=[])
-    assert sum(len(g["params"]) for g in everything.get_parsed_content("optimizer").param_groups) == len(list(network.parameters()))
+    assert sum(len(g["params"]) for g in everything.get_parsed_content("optimizer").param_groups) == len(
+        list(network.parameters())
+    )
 
 
 def test_bottleneck_key_taps_a_normalised_layer(datalist, tmp_path):
@@ -66,14 +83,20 @@ def test_bottleneck_key_taps_a_normalised_layer(datalist, tmp_path):
     network(torch.rand(4, 1, 64, 64))
     features = trainer.bottleneck_tap.features  # a train-mode BatchNorm output: per channel mean 0, variance 1
     torch.testing.assert_close(features.mean(dim=(0, 2, 3)), torch.zeros(features.shape[1]), atol=1e-4, rtol=0)
-    torch.testing.assert_close(features.var(dim=(0, 2, 3), unbiased=False), torch.ones(features.shape[1]), atol=1e-2, rtol=0)
+    torch.testing.assert_close(
+        features.var(dim=(0, 2, 3), unbiased=False), torch.ones(features.shape[1]), atol=1e-2, rtol=0
+    )
 
 
 def test_switches_remove_handlers_and_their_checkpoint_entries(datalist, tmp_path):
     parser = parse(datalist, tmp_path, use_clustering=False, use_selection=False)
     handlers = parser.get_parsed_content("train#handlers")
     names = [type(h).__name__ for h in handlers]
-    assert "AIVAClusteringHandler" not in names and "CheckpointSelectionHandler" not in names and "ValidationHandler" in names
+    assert (
+        "AIVAClusteringHandler" not in names
+        and "CheckpointSelectionHandler" not in names
+        and "ValidationHandler" in names
+    )
     saved = parser.get_parsed_content("checkpointing#saver#save_dict")
     assert "clustering" not in saved and "selection" not in saved
     assert "best_model" in saved["savers"].savers  # without selection: the key-metric saver writes model.pt

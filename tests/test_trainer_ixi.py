@@ -1,4 +1,6 @@
-"""AIVATrainer on real IXI-HH slices: source = 2 subjects, target = 2 other subjects with a simulated contrast change."""
+"""AIVATrainer on real IXI-HH slices: source = 2 subjects, target = 2 other subjects
+with a simulated contrast change.
+"""
 
 import pytest
 import torch
@@ -46,7 +48,12 @@ def run(source, target, guard=False):
     outputs = []
     trainer.add_event_handler(
         Events.ITERATION_COMPLETED,
-        lambda e: outputs.append({k: float(torch.as_tensor(e.state.output[k]).detach()) for k in ("loss", "seg_loss", "align_loss", "lambda")}),
+        lambda e: outputs.append(
+            {
+                k: float(torch.as_tensor(e.state.output[k]).detach())
+                for k in ("loss", "seg_loss", "align_loss", "lambda")
+            }
+        ),
     )
     trainer.run()
     set_determinism(None)

@@ -26,14 +26,26 @@ def run(sites, *, target_pass="full", mode="shared", steps=3):
     network = PreActResUNet(channels=(4, 8, 16), blocks_per_level=1)
     batchnorm = AdaptationBatchNorm(network, mode)
     trainer = AIVATrainer(
-        device="cpu", max_epochs=1, epoch_length=steps,
+        device="cpu",
+        max_epochs=1,
+        epoch_length=steps,
         train_data_loader=DataLoader(source, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0)),
         target_data_loader=DataLoader(target, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(1)),
-        network=network, optimizer=torch.optim.SGD(network.parameters(), lr=0.05),
-        loss_function=AIVALoss(fixed_lambda=1e-3), decollate=False, batchnorm=batchnorm, target_pass=target_pass,
+        network=network,
+        optimizer=torch.optim.SGD(network.parameters(), lr=0.05),
+        loss_function=AIVALoss(fixed_lambda=1e-3),
+        decollate=False,
+        batchnorm=batchnorm,
+        target_pass=target_pass,
     )
-    AIVAClusteringHandler(source, target, n_clusters=3, settings={"tsne_method": "sklearn", "seed": 0}, progress=False,
-                          site_context=batchnorm.site_statistics).attach(trainer)
+    AIVAClusteringHandler(
+        source,
+        target,
+        n_clusters=3,
+        settings={"tsne_method": "sklearn", "seed": 0},
+        progress=False,
+        site_context=batchnorm.site_statistics,
+    ).attach(trainer)
     losses = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output["align_loss"])))
     start = copy.deepcopy(network.state_dict())
@@ -53,7 +65,9 @@ def test_encoder_only_target_pass_trains_exactly_like_the_full_pass(sites):
     for name, value in full.named_parameters():
         torch.testing.assert_close(parameters[name], value, msg=name)
     # the decoder's BatchNorm statistics saw only the source passes in encoder mode
-    assert any(not torch.equal(a, b) for a, b in zip(_stats(full, "decoder").values(), _stats(encoder, "decoder").values()))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(_stats(full, "decoder").values(), _stats(encoder, "decoder").values())
+    )
     torch.testing.assert_close(_stats(full, "encoder"), _stats(encoder, "encoder"))
 
 

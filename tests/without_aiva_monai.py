@@ -13,7 +13,9 @@ import sys
 class BlockAivaMonai(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):
         if fullname == "aiva_monai" or fullname.startswith("aiva_monai."):
-            raise ModuleNotFoundError(f"No module named {fullname!r} (blocked: the bundle must not need aiva_monai)", name=fullname)
+            raise ModuleNotFoundError(
+                f"No module named {fullname!r} (blocked: the bundle must not need aiva_monai)", name=fullname
+            )
         return None
 
 

@@ -75,7 +75,9 @@ def check_metadata(meta: dict, schema: Path, bundle: Path) -> None:
         try:
             importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
-            raise ValueError(f"{bundle}: required package {name}=={version} is not an installed distribution.") from None
+            raise ValueError(
+                f"{bundle}: required package {name}=={version} is not an installed distribution."
+            ) from None
 
 
 def check_properties(bundle: Path) -> None:
@@ -84,23 +86,40 @@ def check_properties(bundle: Path) -> None:
         config = _config(bundle / "configs", stem)
         if config is None:
             continue
-        workflow = create_workflow(config_file=str(config), workflow_type=kind, meta_file=str(meta), logging_file=str(logging_file),
-                                   bundle_root=str(bundle))
+        workflow = create_workflow(
+            config_file=str(config),
+            workflow_type=kind,
+            meta_file=str(meta),
+            logging_file=str(logging_file),
+            bundle_root=str(bundle),
+        )
         missing = workflow.check_properties()
         if missing:
             raise ValueError(f"{config}: missing {kind} properties {missing}.")
 
 
 def check_data_shape(bundle: Path) -> None:
-    verify_net_in_out(net_id="network_def", meta_file=str(bundle / "configs" / "metadata.json"),
-                      config_file=str(_config(bundle / "configs", "inference")), bundle_root=str(bundle), device="cpu", n=1)
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        config_file=str(_config(bundle / "configs", "inference")),
+        bundle_root=str(bundle),
+        device="cpu",
+        n=1,
+    )
 
 
 def check_torchscript(bundle: Path) -> None:
     config, meta = _config(bundle / "configs", "inference"), bundle / "configs" / "metadata.json"
     exported = bundle / "models" / "verify_model.ts"
-    ckpt_export(net_id="network_def", filepath=str(exported), ckpt_file=str(bundle / "models" / "model.pt"), meta_file=str(meta),
-                config_file=str(config), bundle_root=str(bundle))
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(exported),
+        ckpt_file=str(bundle / "models" / "model.pt"),
+        meta_file=str(meta),
+        config_file=str(config),
+        bundle_root=str(bundle),
+    )
     scripted = torch.jit.load(str(exported))
     parser = ConfigParser()
     parser.read_config(str(config))
@@ -124,9 +143,14 @@ def verify(bundle, schema) -> None:
     sys.path.insert(0, str(bundle))  # the bundle's scripts/, as the zoo's check does
     os.chdir(bundle)
     meta = json.loads((bundle / "configs" / "metadata.json").read_text(encoding="utf-8"))
-    for name, check in (("directory", lambda: check_directory(bundle)), ("version and changelog", lambda: check_version(meta, bundle)),
-                        ("metadata", lambda: check_metadata(meta, schema, bundle)), ("properties", lambda: check_properties(bundle)),
-                        ("data shape", lambda: check_data_shape(bundle)), ("TorchScript", lambda: check_torchscript(bundle))):
+    for name, check in (
+        ("directory", lambda: check_directory(bundle)),
+        ("version and changelog", lambda: check_version(meta, bundle)),
+        ("metadata", lambda: check_metadata(meta, schema, bundle)),
+        ("properties", lambda: check_properties(bundle)),
+        ("data shape", lambda: check_data_shape(bundle)),
+        ("TorchScript", lambda: check_torchscript(bundle)),
+    ):
         check()
         print(f"zoo check passed: {name}", flush=True)
     print(f"{bundle.name}: all zoo checks passed", flush=True)

@@ -17,7 +17,9 @@ from aiva_monai.io import write_json_atomic
 __all__ = ["CC359_SITES", "find_cc359", "cc359_datalist", "write_cc359_datalist"]
 
 CC359_SITES = ("siemens_15", "siemens_3", "ge_15", "ge_3", "philips_15", "philips_3")
-_NAME = re.compile(r"^(?P<subject>CC\d{4})_(?P<vendor>philips|siemens|ge)_(?P<field>15|3)_(?P<age>\d+)_(?P<sex>[MF])(?P<mask>_ss)?\.nii(\.gz)?$")
+_NAME = re.compile(
+    r"^(?P<subject>CC\d{4})_(?P<vendor>philips|siemens|ge)_(?P<field>15|3)_(?P<age>\d+)_(?P<sex>[MF])(?P<mask>_ss)?\.nii(\.gz)?$"
+)
 
 
 def find_cc359(dataset_dir: str | Path) -> list[dict]:
@@ -41,10 +43,14 @@ def find_cc359(dataset_dir: str | Path) -> list[dict]:
         table = masks if found["mask"] else images
         if subject in table:
             previous = table[subject][0] if table is images else table[subject]
-            raise ValueError(f"CC359: two files for subject {subject}{' mask' if found['mask'] else ''}: {previous} and {path}.")
+            raise ValueError(
+                f"CC359: two files for subject {subject}{' mask' if found['mask'] else ''}: {previous} and {path}."
+            )
         table[subject] = path if found["mask"] else (path, found.groupdict())
     if not images:
-        raise FileNotFoundError(f"{dataset_dir}: no CC359 image named CCxxxx_<vendor>_<field>_<age>_<sex>.nii.gz under it.")
+        raise FileNotFoundError(
+            f"{dataset_dir}: no CC359 image named CCxxxx_<vendor>_<field>_<age>_<sex>.nii.gz under it."
+        )
     entries = []
     for subject in sorted(images):
         path, fields = images[subject]
@@ -74,7 +80,9 @@ def cc359_datalist(dataset_dir: str | Path, split: tuple[int, int, int] = (45, 5
     """
     entries = find_cc359(dataset_dir)
     datalist = {
-        "description": f"CC359 from {Path(dataset_dir).resolve()}, per-site split {split[0]}/{split[1]}/{split[2]}, seed {seed}",
+        "description": (
+            f"CC359 from {Path(dataset_dir).resolve()}, per-site split {split[0]}/{split[1]}/{split[2]}, seed {seed}"
+        ),
         "training": [],
         "validation": [],
         "test": [],
@@ -85,7 +93,8 @@ def cc359_datalist(dataset_dir: str | Path, split: tuple[int, int, int] = (45, 5
             continue
         if len(subjects) < sum(split):
             raise ValueError(
-                f"CC359 site {site} has {len(subjects)} subjects under {dataset_dir}, fewer than the split {split} needs."
+                f"CC359 site {site} has {len(subjects)} subjects under {dataset_dir}, "
+                f"fewer than the split {split} needs."
             )
         order = np.random.default_rng(seed + site_number).permutation(len(subjects))
         chosen = [subjects[i] for i in order]

@@ -71,13 +71,18 @@ def load_datalist(
         available = sorted({e.get("site", "?") for e in entries})
         unknown = wanted - set(available)
         if unknown:
-            raise ValueError(f"datalist {datalist_file}: no '{split}' entries of site(s) {sorted(unknown)}; sites present: {available}.")
+            raise ValueError(
+                f"datalist {datalist_file}: no '{split}' entries of site(s) {sorted(unknown)}; "
+                f"sites present: {available}."
+            )
         entries = [e for e in entries if e.get("site") in wanted]
     if not entries:
         raise ValueError(f"datalist {datalist_file}: the '{split}' list is empty.")
     for entry in entries:
         if require_labels and not entry.get("label"):
-            raise ValueError(f"datalist {datalist_file}: entry {entry.get('image')} has no label, and this split needs labels.")
+            raise ValueError(
+                f"datalist {datalist_file}: entry {entry.get('image')} has no label, and this split needs labels."
+            )
         if check_files:
             for key in ("image", "label"):
                 if entry.get(key) and not Path(entry[key]).is_file():

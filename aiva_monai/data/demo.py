@@ -61,7 +61,14 @@ DEMO_SITE_SPECS = (
         offset_mm=(0.0, 9.0, -9.0),
         coverage=0.72,
         tissue={"scalp": 0.3, "bone": 0.05, "grey": 0.62, "white": 0.74, "csf": 0.35},
-        scanner={"gamma": 1.0, "bias_field": 0.35, "slice_thickness": 2.0, "thickness_axis": 2, "ringing": 0.0, "noise": 0.04},
+        scanner={
+            "gamma": 1.0,
+            "bias_field": 0.35,
+            "slice_thickness": 2.0,
+            "thickness_axis": 2,
+            "ringing": 0.0,
+            "noise": 0.04,
+        },
     ),
 )
 DEMO_SITES = tuple(site.name for site in DEMO_SITE_SPECS)
@@ -76,7 +83,9 @@ def _wobbly_ellipsoid(coords, centre, radii, rng, wobble):
     return distance <= 1.0 + wobble * noise
 
 
-def phantom_head(shape=(48, 64, 64), spacing=3.0, seed=0, site: PhantomSite | None = None) -> tuple[np.ndarray, np.ndarray]:
+def phantom_head(
+    shape=(48, 64, 64), spacing=3.0, seed=0, site: PhantomSite | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """A synthetic head and its brain mask, in RAS with ``spacing`` mm voxels, as seen at ``site``
     (default: the source site, a T1-like contrast).
 
@@ -110,8 +119,9 @@ def phantom_head(shape=(48, 64, 64), spacing=3.0, seed=0, site: PhantomSite | No
     return np.clip(image, 0, None).astype(np.float32), mask
 
 
-def make_demo_dataset(output_dir, n_subjects=(16, 2, 6), shape=(48, 64, 64), spacing=3.0, seed=0,
-                      sites=DEMO_SITE_SPECS) -> Path:
+def make_demo_dataset(
+    output_dir, n_subjects=(16, 2, 6), shape=(48, 64, 64), spacing=3.0, seed=0, sites=DEMO_SITE_SPECS
+) -> Path:
     """Write SYNTHETIC phantoms of two sites and their datalist; returns the datalist path.
 
     ``sites`` = (source, target) ``PhantomSite`` specs; ``n_subjects`` = (train, val, test) per site. Existing
@@ -136,9 +146,18 @@ def make_demo_dataset(output_dir, n_subjects=(16, 2, 6), shape=(48, 64, 64), spa
                 image_path, mask_path = output_dir / f"{subject}.nii.gz", output_dir / f"{subject}_brainmask.nii.gz"
                 write_nifti_atomic(image, affine, image_path, f"SYNTHETIC phantom, site {site.name} (aiva-monai demo)")
                 write_nifti_atomic(mask, affine, mask_path, "SYNTHETIC phantom mask (aiva-monai demo)")
-                entry = {"image": image_path.name, "label": mask_path.name, "subject": subject, "site": site.name, "synthetic": True}
+                entry = {
+                    "image": image_path.name,
+                    "label": mask_path.name,
+                    "subject": subject,
+                    "site": site.name,
+                    "synthetic": True,
+                }
                 if site.scanner:
-                    entry["simulate"] = {**({"preset": site.scanner} if isinstance(site.scanner, str) else site.scanner), "seed": seed}
+                    entry["simulate"] = {
+                        **({"preset": site.scanner} if isinstance(site.scanner, str) else site.scanner),
+                        "seed": seed,
+                    }
                 splits[split].append(entry)
     description = (
         "SYNTHETIC demo data made by aiva_monai.data.demo: phantom heads, not real MRI. "
@@ -146,5 +165,13 @@ def make_demo_dataset(output_dir, n_subjects=(16, 2, 6), shape=(48, 64, 64), spa
         "a field of view that stops below the vertex, fat-suppressed scalp with less grey/white contrast, and a "
         "simulated bias field, thicker slices and noise. Site specs: " + json.dumps([asdict(s) for s in sites])
     )
-    return write_json_atomic(datalist_path, {"description": description, "synthetic": True, "demo_version": DEMO_VERSION,
-                                             "n_subjects": list(n_subjects), **splits})
+    return write_json_atomic(
+        datalist_path,
+        {
+            "description": description,
+            "synthetic": True,
+            "demo_version": DEMO_VERSION,
+            "n_subjects": list(n_subjects),
+            **splits,
+        },
+    )

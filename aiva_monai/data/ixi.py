@@ -57,7 +57,8 @@ def ixi_sim_datalist(
         "description": (
             f"IXI-HH (real, Philips 3T, 2 mm) split by subject with seed {seed}: site ixi_hh = {source_split} "
             f"train/val/test subjects; site {target_site} = {target_split} other subjects whose images are passed "
-            f"through the SIMULATED scanner change '{target_change}' (aiva_monai.data.simulate). Not a real second site."
+            f"through the SIMULATED scanner change '{target_change}' (aiva_monai.data.simulate). "
+            "Not a real second site."
         ),
         "default_source_site": "ixi_hh",
         "default_target_site": target_site,
@@ -66,7 +67,10 @@ def ixi_sim_datalist(
         "test": [],
     }
     begin = 0
-    for site, split, simulate in (("ixi_hh", source_split, None), (target_site, target_split, {"preset": target_change, "seed": seed})):
+    for site, split, simulate in (
+        ("ixi_hh", source_split, None),
+        (target_site, target_split, {"preset": target_change, "seed": seed}),
+    ):
         for name, count in zip(("training", "validation", "test"), split):
             for entry in shuffled[begin : begin + count]:
                 relative = {

@@ -44,7 +44,10 @@ def _site_folders(dataset_dir: Path) -> dict[str, Path]:
         if letter is None:
             continue
         if letter in folders:
-            raise ValueError(f"prostate data: two folders for site {letter} ({PROSTATE_SITES[letter][0]}): {folders[letter]} and {path}.")
+            raise ValueError(
+                f"prostate data: two folders for site {letter} ({PROSTATE_SITES[letter][0]}): "
+                f"{folders[letter]} and {path}."
+            )
         folders[letter] = path
     return folders
 
@@ -71,7 +74,10 @@ def find_prostate(dataset_dir: str | Path) -> list[dict]:
             case = "Case" + found["case"][4:]
             table = masks if found["mask"] else images
             if case in table:
-                raise ValueError(f"prostate site {letter}: two {'masks' if found['mask'] else 'images'} for {case}: {table[case]} and {path}.")
+                raise ValueError(
+                    f"prostate site {letter}: two {'masks' if found['mask'] else 'images'} for {case}: "
+                    f"{table[case]} and {path}."
+                )
             table[case] = path
         orphans = sorted(set(masks) - set(images))
         if orphans:
@@ -89,11 +95,15 @@ def find_prostate(dataset_dir: str | Path) -> list[dict]:
             entries.append(entry)
     if not entries:
         expected = ", ".join(folder for folder, _ in PROSTATE_SITES.values())
-        raise FileNotFoundError(f"{dataset_dir}: no prostate site folder ({expected}) holding CaseNN.nii.gz images under it.")
+        raise FileNotFoundError(
+            f"{dataset_dir}: no prostate site folder ({expected}) holding CaseNN.nii.gz images under it."
+        )
     return entries
 
 
-def prostate_datalist(dataset_dir: str | Path, fractions: tuple[float, float, float] = (0.6, 0.15, 0.25), seed: int = 0) -> dict:
+def prostate_datalist(
+    dataset_dir: str | Path, fractions: tuple[float, float, float] = (0.6, 0.15, 0.25), seed: int = 0
+) -> dict:
     """Deterministic per-site case split into training / validation / test.
 
     Within each site the cases are shuffled with ``seed`` and cut by ``fractions`` (validation and test
@@ -109,7 +119,9 @@ def prostate_datalist(dataset_dir: str | Path, fractions: tuple[float, float, fl
         raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions}.")
     entries = find_prostate(dataset_dir)
     datalist = {
-        "description": f"multi-site prostate from {Path(dataset_dir).resolve()}, per-site split {fractions}, seed {seed}",
+        "description": (
+            f"multi-site prostate from {Path(dataset_dir).resolve()}, per-site split {fractions}, seed {seed}"
+        ),
         "training": [],
         "validation": [],
         "test": [],
@@ -119,7 +131,9 @@ def prostate_datalist(dataset_dir: str | Path, fractions: tuple[float, float, fl
         if not cases:
             continue
         if len(cases) < 3:
-            raise ValueError(f"prostate site {letter} under {dataset_dir} has {len(cases)} cases; a split needs at least 3.")
+            raise ValueError(
+                f"prostate site {letter} under {dataset_dir} has {len(cases)} cases; a split needs at least 3."
+            )
         n_val = max(1, int(round(fractions[1] * len(cases))))
         n_test = max(1, int(round(fractions[2] * len(cases))))
         order = np.random.default_rng(seed + number).permutation(len(cases))
@@ -130,7 +144,9 @@ def prostate_datalist(dataset_dir: str | Path, fractions: tuple[float, float, fl
     return datalist
 
 
-def write_prostate_datalist(dataset_dir: str | Path, output_file: str | Path, fractions=(0.6, 0.15, 0.25), seed: int = 0, **extra) -> Path:
+def write_prostate_datalist(
+    dataset_dir: str | Path, output_file: str | Path, fractions=(0.6, 0.15, 0.25), seed: int = 0, **extra
+) -> Path:
     """Build the prostate datalist (``extra`` keys are added at the top level) and write it as JSON (atomically)."""
     return write_json_atomic(output_file, {**prostate_datalist(dataset_dir, tuple(fractions), seed), **extra})
 
@@ -188,7 +204,9 @@ def phantom_pelvis(shape=(48, 48, 14), spacing=(2.0, 2.0, 4.0), seed=0, gamma=1.
     return np.clip(image, 0, None).astype(np.float32), mask
 
 
-def make_prostate_demo(output_dir, cases_per_site: int = 8, shape=(48, 48, 14), target_site: str = "F", seed: int = 0) -> Path:
+def make_prostate_demo(
+    output_dir, cases_per_site: int = 8, shape=(48, 48, 14), target_site: str = "F", seed: int = 0
+) -> Path:
     """Write a SYNTHETIC six-site prostate set in the release layout (``SYNTHETIC_prostate/<site folder>/CaseNN.nii.gz``
     and ``CaseNN_segmentation.nii.gz``, with site-specific voxel size, intensity scale, contrast, noise and
     bias), and its datalist built by ``find_prostate``; returns the datalist path. Existing files are reused.
@@ -206,13 +224,19 @@ def make_prostate_demo(output_dir, cases_per_site: int = 8, shape=(48, 48, 14), 
         # every site sees the same ~96 x 96 x 56 mm field of view on its own grid
         grid = tuple(int(round(n * s / t)) for n, s, t in zip(shape, (2.0, 2.0, 4.0), spacing))
         for case in range(cases_per_site):
-            image, mask = phantom_pelvis(grid, spacing, seed=seed * 100_000 + number * 1000 + case, gamma=gamma, noise=noise, bias=bias)
+            image, mask = phantom_pelvis(
+                grid, spacing, seed=seed * 100_000 + number * 1000 + case, gamma=gamma, noise=noise, bias=bias
+            )
             affine = np.diag([*spacing, 1.0])
             name = f"Case{case:02d}"
             # exercise both spellings of the mask name, as the releases differ
             mask_name = f"{name}_{'Segmentation' if letter in 'CE' else 'segmentation'}.nii.gz"
-            write_nifti_atomic(image * scale, affine, root / folder / f"{name}.nii.gz", "SYNTHETIC prostate phantom (aiva-monai demo)")
-            write_nifti_atomic(mask, affine, root / folder / mask_name, "SYNTHETIC prostate phantom mask (aiva-monai demo)")
+            write_nifti_atomic(
+                image * scale, affine, root / folder / f"{name}.nii.gz", "SYNTHETIC prostate phantom (aiva-monai demo)"
+            )
+            write_nifti_atomic(
+                mask, affine, root / folder / mask_name, "SYNTHETIC prostate phantom mask (aiva-monai demo)"
+            )
     description = (
         "SYNTHETIC demo data made by aiva_monai.data.prostate.make_prostate_demo: pelvis phantoms in the multi-site "
         "prostate layout (six simulated scanners), not real MRI."

@@ -35,7 +35,9 @@ class SeededEndlessSampler(torch.utils.data.Sampler[int]):
     not the exact batches.
     """
 
-    def __init__(self, data_source: Sized, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, data_source: Sized, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1
+    ) -> None:
         self.size = len(data_source)
         if self.size == 0:
             raise ValueError("SeededEndlessSampler got an empty dataset.")
@@ -44,7 +46,9 @@ class SeededEndlessSampler(torch.utils.data.Sampler[int]):
         self.position = 0
         self.rank, self.world_size = int(rank), int(world_size)
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
-            raise ValueError(f"SeededEndlessSampler needs 0 <= rank < world_size, got rank {rank}, world_size {world_size}.")
+            raise ValueError(
+                f"SeededEndlessSampler needs 0 <= rank < world_size, got rank {rank}, world_size {world_size}."
+            )
 
     def order(self, current_pass: int) -> np.ndarray:
         """The (n,) index order of pass ``current_pass``."""

@@ -53,8 +53,17 @@ class ScannerChange:
     noise: float = 0.0
 
     def __post_init__(self):
-        if self.gamma <= 0 or self.bias_field < 0 or self.slice_thickness < 1 or not 0 <= self.ringing < 1 or self.noise < 0:
-            raise ValueError(f"invalid scanner change {self}: need gamma > 0, bias_field >= 0, slice_thickness >= 1, 0 <= ringing < 1, noise >= 0.")
+        if (
+            self.gamma <= 0
+            or self.bias_field < 0
+            or self.slice_thickness < 1
+            or not 0 <= self.ringing < 1
+            or self.noise < 0
+        ):
+            raise ValueError(
+                f"invalid scanner change {self}: need gamma > 0, bias_field >= 0, slice_thickness >= 1, "
+                "0 <= ringing < 1, noise >= 0."
+            )
         if self.thickness_axis not in (0, 1, 2):
             raise ValueError(f"thickness_axis must be 0, 1 or 2, got {self.thickness_axis}.")
 
@@ -162,12 +171,16 @@ def write_simulated_site(datalist_file, split, sites, change, seed, output_dir, 
         loaded = nib.load(str(source))
         simulated = simulate_scanner(loaded.get_fdata(), change, subject_seed(seed, entry.get("subject", source.name)))
         write_nifti_atomic(simulated, loaded.affine, target, f"SIMULATED scanner ({site_name})")
-        entries.append({**entry, "image": str(target), "site": site_name, "simulated": True, "source_site": entry.get("site")})
+        entries.append(
+            {**entry, "image": str(target), "site": site_name, "simulated": True, "source_site": entry.get("site")}
+        )
     description = (
         f"SIMULATED site {site_name}: {dataclasses.asdict(change)}, seed {seed}, from {datalist_file} "
         f"[{split}] sites {sites}. Not a real scanner."
     )
-    return write_json_atomic(output_dir / "datalist.json", {"description": description, "simulated": True, split: entries})
+    return write_json_atomic(
+        output_dir / "datalist.json", {"description": description, "simulated": True, split: entries}
+    )
 
 
 def main(argv=None) -> None:
@@ -176,14 +189,20 @@ def main(argv=None) -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--sites", nargs="*")
     parser.add_argument("--preset", default="strong", choices=sorted(PRESETS))
-    parser.add_argument("--change", default="{}", help='JSON overrides, e.g. \'{"gamma": 1.5}\'')
+    parser.add_argument("--change", default="{}", help="JSON overrides, e.g. '{\"gamma\": 1.5}'")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--site-name", default=None)
     args = parser.parse_args(argv)
     change = {"preset": args.preset, **json.loads(args.change)}
     path = write_simulated_site(
-        args.datalist, args.split, args.sites, change, args.seed, args.output_dir, args.site_name or f"simulated_{args.preset}"
+        args.datalist,
+        args.split,
+        args.sites,
+        change,
+        args.seed,
+        args.output_dir,
+        args.site_name or f"simulated_{args.preset}",
     )
     print(f"wrote SIMULATED site datalist {path}")
 

@@ -41,8 +41,12 @@ def check_volume_files(entry: dict, keys: Sequence[str] = ("image", "label"), af
             if len(shape) == 4 and shape[3] == 1:
                 shape = shape[:3]
             if len(shape) != 3:
-                kind = {2: "2D (one slice)", 4: "4D (a time series or several volumes)"}.get(len(shape), f"{len(shape)}D")
-                raise ValueError(f"{key} file {value}: expected a 3D volume, got a {kind} image of shape {tuple(image.shape)}.")
+                kind = {2: "2D (one slice)", 4: "4D (a time series or several volumes)"}.get(
+                    len(shape), f"{len(shape)}D"
+                )
+                raise ValueError(
+                    f"{key} file {value}: expected a 3D volume, got a {kind} image of shape {tuple(image.shape)}."
+                )
             headers[key] = (str(value), shape, image.affine)
     if not headers or keys[0] not in headers:
         return
@@ -51,13 +55,17 @@ def check_volume_files(entry: dict, keys: Sequence[str] = ("image", "label"), af
         if key == keys[0]:
             continue
         if other_shape != shape:
-            raise ValueError(f"{key} file {path} has shape {other_shape} but {keys[0]} file {reference} has shape {shape}: "
-                             "they must be in the same voxel grid.")
+            raise ValueError(
+                f"{key} file {path} has shape {other_shape} but {keys[0]} file {reference} has shape {shape}: "
+                "they must be in the same voxel grid."
+            )
         if not np.allclose(other_affine, affine, atol=affine_atol):
             raise ValueError(
                 f"{key} file {path} and {keys[0]} file {reference} have different affines (largest difference "
-                f"{np.abs(other_affine - affine).max():.4g}, tolerance {affine_atol:g}): they must be in the same voxel grid.\n"
-                f"{keys[0]}: {np.array2string(affine, precision=3)}\n{key}: {np.array2string(other_affine, precision=3)}"
+                f"{np.abs(other_affine - affine).max():.4g}, tolerance {affine_atol:g}): "
+                "they must be in the same voxel grid.\n"
+                f"{keys[0]}: {np.array2string(affine, precision=3)}\n"
+                f"{key}: {np.array2string(other_affine, precision=3)}"
             )
 
 
@@ -72,8 +80,12 @@ class _VolumeCache(CacheDataset):
             while root.__cause__ is not None:
                 root = root.__cause__
             entry = self.data[idx]
-            files = ", ".join(f"{k} {v}" for k, v in entry.items() if isinstance(v, (str, Path)) and k not in ("subject", "site"))
-            raise ValueError(f"volume ({files}) cannot be loaded and preprocessed: {type(root).__name__}: {root}") from error
+            files = ", ".join(
+                f"{k} {v}" for k, v in entry.items() if isinstance(v, (str, Path)) and k not in ("subject", "site")
+            )
+            raise ValueError(
+                f"volume ({files}) cannot be loaded and preprocessed: {type(root).__name__}: {root}"
+            ) from error
 
 
 class SliceDataset(torch.utils.data.Dataset):
@@ -133,7 +145,12 @@ class SliceDataset(torch.utils.data.Dataset):
             # CacheDataset stops caching at the first Randomizable step, and a nested Compose counts as one
             transform = transform.flatten()
         self.volumes = _VolumeCache(
-            self.data, transform=transform, cache_rate=1.0, num_workers=cache_num_workers, copy_cache=False, progress=progress
+            self.data,
+            transform=transform,
+            cache_rate=1.0,
+            num_workers=cache_num_workers,
+            copy_cache=False,
+            progress=progress,
         )
         counts = []
         for position in range(len(self.volumes)):
@@ -144,7 +161,8 @@ class SliceDataset(torch.utils.data.Dataset):
             shapes = {tuple(array.shape[1:]) for array in arrays}
             if len(shapes) != 1 or len(next(iter(shapes))) != 3:
                 raise ValueError(
-                    f"volume {self._describe(position)}: expected channel-first 3D arrays of one shape for {self.keys}, "
+                    f"volume {self._describe(position)}: expected channel-first 3D arrays of one shape "
+                    f"for {self.keys}, "
                     f"got shapes {[tuple(a.shape) for a in arrays]}."
                 )
             for key in self.keys:
@@ -152,7 +170,8 @@ class SliceDataset(torch.utils.data.Dataset):
                     bad = int((~torch.isfinite(torch.as_tensor(volume[key]))).sum())
                     if bad:
                         raise ValueError(
-                            f"volume {self._describe(position)}: {bad} NaN or Inf values in '{key}' after preprocessing "
+                            f"volume {self._describe(position)}: {bad} NaN or Inf values in '{key}' "
+                            "after preprocessing "
                             "(the file holds NaN or Inf intensities, or overflows the cache type); "
                             "fix the file or drop it from the datalist."
                         )

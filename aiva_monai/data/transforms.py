@@ -103,7 +103,9 @@ def volume_transforms(
         chain.append(SimulateScannerd(image_key, simulate_key))
     if merge_labels and masks:
         chain.append(AsDiscreted(masks, threshold=0.5, allow_missing_keys=True))
-    chain.append(Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True))
+    chain.append(
+        Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=True)
+    )
     if pixdim is not None:
         modes = ["bilinear" if k == image_key else "nearest" for k in keys]
         chain.append(Spacingd(keys, pixdim=tuple(pixdim), mode=modes, allow_missing_keys=True))

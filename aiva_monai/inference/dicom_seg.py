@@ -25,9 +25,19 @@ def _code(name: str):
     return getattr(codes.SCT, name)
 
 
-def write_dicom_seg(mask_xyz: np.ndarray, series_files: list[str], path, outputs: OutputFolder, *, label: str,
-                    property_type: str, property_category: str = "AnatomicalStructure", algorithm: str = "aiva-monai",
-                    version: str = "0.1.0", description: str | None = None) -> Path:
+def write_dicom_seg(
+    mask_xyz: np.ndarray,
+    series_files: list[str],
+    path,
+    outputs: OutputFolder,
+    *,
+    label: str,
+    property_type: str,
+    property_category: str = "AnatomicalStructure",
+    algorithm: str = "aiva-monai",
+    version: str = "0.1.0",
+    description: str | None = None,
+) -> Path:
     """Writes ``mask_xyz`` (X, Y, Z) label map of the series read by ``read_dicom_series`` (voxel (x, y, z) =
     column x, row y of ``series_files[z]``) as a binary DICOM SEG at ``path`` (through ``outputs``: atomic, never
     over an input). Empty slices are left out of the SEG (highdicom's default), as viewers expect.
@@ -45,16 +55,19 @@ def write_dicom_seg(mask_xyz: np.ndarray, series_files: list[str], path, outputs
     sources = [pydicom.dcmread(file, stop_before_pixels=True) for file in series_files]
     frames = np.ascontiguousarray(np.asarray(mask_xyz).transpose(2, 1, 0) > 0)  # (x, y, z) -> (slice, row, column)
     if frames.shape != (len(sources), int(sources[0].Rows), int(sources[0].Columns)):
-        raise ValueError(f"{path}: mask of shape {np.shape(mask_xyz)} does not fit the series ({len(sources)} slices of "
-                         f"{sources[0].Columns} x {sources[0].Rows}).")
+        raise ValueError(
+            f"{path}: mask of shape {np.shape(mask_xyz)} does not fit the series ({len(sources)} slices of "
+            f"{sources[0].Columns} x {sources[0].Rows})."
+        )
     segment = hd.seg.SegmentDescription(
         segment_number=1,
         segment_label=label[:64],
         segmented_property_category=_code(property_category),
         segmented_property_type=_code(property_type),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=hd.AlgorithmIdentificationSequence(name=algorithm[:64], version=version[:64],
-                                                                    family=codes.cid7162.ArtificialIntelligence),
+        algorithm_identification=hd.AlgorithmIdentificationSequence(
+            name=algorithm[:64], version=version[:64], family=codes.cid7162.ArtificialIntelligence
+        ),
     )
     seg = hd.seg.Segmentation(
         source_images=sources,
@@ -88,12 +101,25 @@ class SaveDicomSegd(MapTransform):
             takes them from its metadata).
     """
 
-    def __init__(self, keys="pred", outputs: OutputFolder | None = None, label: str = "mask", property_type: str = "AnatomicalStructure",
-                 property_category: str = "AnatomicalStructure", algorithm: str = "aiva-monai", version: str = "0.1.0") -> None:
+    def __init__(
+        self,
+        keys="pred",
+        outputs: OutputFolder | None = None,
+        label: str = "mask",
+        property_type: str = "AnatomicalStructure",
+        property_category: str = "AnatomicalStructure",
+        algorithm: str = "aiva-monai",
+        version: str = "0.1.0",
+    ) -> None:
         super().__init__(keys)
         self.outputs = outputs if outputs is not None else OutputFolder(".")
-        self.options = {"label": label, "property_type": property_type, "property_category": property_category,
-                        "algorithm": algorithm, "version": version}
+        self.options = {
+            "label": label,
+            "property_type": property_type,
+            "property_category": property_category,
+            "algorithm": algorithm,
+            "version": version,
+        }
 
     def __call__(self, data):
         if data.get("format") != "dicom":
@@ -101,7 +127,9 @@ class SaveDicomSegd(MapTransform):
         out = dict(data)
         for key in self.key_iterator(out):
             mask = np.asarray(out[key].detach().cpu())[0]
-            files = dicom_series_files(out["input"] if "input" in out else out["image"].meta["filename_or_obj"], out.get("series", ""))
+            files = dicom_series_files(
+                out["input"] if "input" in out else out["image"].meta["filename_or_obj"], out.get("series", "")
+            )
             target = self.outputs.path_for(out.get("case", "case"), "seg")
             write_dicom_seg(mask, files, target, self.outputs, **self.options)
             out["seg_path"] = str(target)

@@ -56,7 +56,9 @@ def describe_error(error: BaseException, path=None) -> str:
     chain = [error]
     while chain[-1].__cause__ is not None:
         chain.append(chain[-1].__cause__)
-    root = next((e for e in chain if not (isinstance(e, RuntimeError) and str(e).startswith("applying transform"))), chain[-1])
+    root = next(
+        (e for e in chain if not (isinstance(e, RuntimeError) and str(e).startswith("applying transform"))), chain[-1]
+    )
     text = " ".join(str(root).split()) or type(root).__name__
     if not isinstance(root, (ValueError, OSError)):
         text = f"{type(root).__name__}: {text}"
@@ -97,7 +99,9 @@ class CaseDataset(Dataset):
         outputs: the ``OutputFolder`` (its folder is not searched, earlier outputs are not taken as scans).
     """
 
-    def __init__(self, data: Sequence | None = None, transform=None, input_path=None, outputs: OutputFolder | None = None) -> None:
+    def __init__(
+        self, data: Sequence | None = None, transform=None, input_path=None, outputs: OutputFolder | None = None
+    ) -> None:
         super().__init__(data=list(data) if data is not None else [], transform=transform)
         self.input_path = input_path
         self.outputs = outputs
@@ -159,13 +163,24 @@ class InferenceEvaluator(SupervisedEvaluator):
         other arguments: as ``SupervisedEvaluator``.
     """
 
-    def __init__(self, device, val_data_loader, network, *, outputs: OutputFolder, organ: str = "mask",
-                 volume_range_ml: Sequence[float] | None = None, progress: bool | None = None, exit_on_failure: bool = True,
-                 **kwargs) -> None:
+    def __init__(
+        self,
+        device,
+        val_data_loader,
+        network,
+        *,
+        outputs: OutputFolder,
+        organ: str = "mask",
+        volume_range_ml: Sequence[float] | None = None,
+        progress: bool | None = None,
+        exit_on_failure: bool = True,
+        **kwargs,
+    ) -> None:
         batch_size = getattr(val_data_loader, "batch_size", 1)
         if batch_size not in (1, None):
             raise ValueError(
-                f"InferenceEvaluator runs one case per iteration: set the data loader's batch_size to 1, not {batch_size}."
+                "InferenceEvaluator runs one case per iteration: "
+                f"set the data loader's batch_size to 1, not {batch_size}."
             )
         super().__init__(device=device, val_data_loader=val_data_loader, network=network, **kwargs)
         self.outputs = outputs
@@ -193,7 +208,9 @@ class InferenceEvaluator(SupervisedEvaluator):
         for handler in self._handlers_seen:
             path = getattr(handler, "load_path", None)
             if path is not None and not Path(path).is_file():
-                raise FileNotFoundError(f"checkpoint {path} does not exist: set --checkpoint to the model weights file (.pt).")
+                raise FileNotFoundError(
+                    f"checkpoint {path} does not exist: set --checkpoint to the model weights file (.pt)."
+                )
         self.outputs.protect(cases)
         self.state.epoch_length = len(cases)  # fixed when the engine was built, before the cases were found
 
@@ -214,15 +231,19 @@ class InferenceEvaluator(SupervisedEvaluator):
                 raise
             self._finish(ExitCode.SETUP_FAILED, message, error)
         show = self.progress if self.progress is not None else sys.stderr.isatty()
-        self._bar = tqdm(total=self.state.epoch_length, desc=f"{self.organ} masks", unit="case", disable=not show, file=sys.stderr)
+        self._bar = tqdm(
+            total=self.state.epoch_length, desc=f"{self.organ} masks", unit="case", disable=not show, file=sys.stderr
+        )
         try:
             super().run(global_epoch)
         finally:
             self._bar.close()
             self._bar = None
         ok, failed = self._counts["ok"], self._counts["failed"]
-        line = (f"inference: {ok + failed} case(s): {ok} ok, {failed} failed; masks and overlays in {self.outputs.path}, "
-                f"summary {self.outputs.summary_file}")
+        line = (
+            f"inference: {ok + failed} case(s): {ok} ok, {failed} failed; masks and overlays in {self.outputs.path}, "
+            f"summary {self.outputs.summary_file}"
+        )
         (logger.error if failed else logger.info)(line)
         self._finish(ExitCode.OK if not failed else ExitCode.ALL_FAILED if not ok else ExitCode.SOME_FAILED, line)
 
@@ -250,17 +271,30 @@ class InferenceEvaluator(SupervisedEvaluator):
         notes += _warning_messages(caught)
         item = output[0] if isinstance(output, list) else output
         volume = float(item["mask_ml"]) if "mask_ml" in item else None
-        fields = {"mask": item.get("mask_path", ""), "overlay": item.get("overlay_path", ""), "dicom_seg": item.get("seg_path", ""),
-                  "status": "ok",
-                  "volume_ml": "" if volume is None else f"{volume:.2f}"}
+        fields = {
+            "mask": item.get("mask_path", ""),
+            "overlay": item.get("overlay_path", ""),
+            "dicom_seg": item.get("seg_path", ""),
+            "status": "ok",
+            "volume_ml": "" if volume is None else f"{volume:.2f}",
+        }
         if constant:
-            notes.insert(0, f"the image is constant (every voxel has the same value, e.g. all zero): no {self.organ} "
-                            "to segment, an empty mask was written (the network output is discarded)")
+            notes.insert(
+                0,
+                f"the image is constant (every voxel has the same value, e.g. all zero): no {self.organ} "
+                "to segment, an empty mask was written (the network output is discarded)",
+            )
         elif volume == 0:
             notes.insert(0, f"empty mask: no {self.organ} voxel found; check the image and the overlay")
-        elif volume is not None and self.volume_range_ml and not self.volume_range_ml[0] <= volume <= self.volume_range_ml[1]:
+        elif (
+            volume is not None
+            and self.volume_range_ml
+            and not self.volume_range_ml[0] <= volume <= self.volume_range_ml[1]
+        ):
             low, high = self.volume_range_ml
-            notes.insert(0, f"{self.organ} volume {volume:.0f} mL is outside the expected {low:g}-{high:g} mL; check the overlay")
+            notes.insert(
+                0, f"{self.organ} volume {volume:.0f} mL is outside the expected {low:g}-{high:g} mL; check the overlay"
+            )
         return output, fields
 
     def _iteration(self, engine, batchdata):

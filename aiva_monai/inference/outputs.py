@@ -15,8 +15,8 @@ from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from aiva_monai.io import atomic_path, check_writable_dir
 from aiva_monai.inference.summary import SUMMARY_FIELDS, read_summary, summary_text
+from aiva_monai.io import atomic_path, check_writable_dir
 
 __all__ = ["OutputFolder", "OUTPUT_KINDS", "InputOverwriteError"]
 
@@ -27,7 +27,9 @@ OUTPUT_KINDS = {"mask": ".nii.gz", "overlay": ".png", "seg": ".seg.dcm"}
 
 # the temporary files of aiva_monai.io.atomic_path (".<stem>.<8 characters from mkstemp><suffixes>") and of
 # check_writable_dir (".write_test.<8 characters>"): what a killed run leaves behind
-_TEMPORARY = re.compile(r"^\.(write_test\.[a-z0-9_]{8}|[^/]*\.[a-z0-9_]{8}(\.nii\.gz|\.nii|\.png|\.csv|\.seg\.dcm|\.dcm|\.json|\.tmp))$")
+_TEMPORARY = re.compile(
+    r"^\.(write_test\.[a-z0-9_]{8}|[^/]*\.[a-z0-9_]{8}(\.nii\.gz|\.nii|\.png|\.csv|\.seg\.dcm|\.dcm|\.json|\.tmp))$"
+)
 
 
 class InputOverwriteError(PermissionError):
@@ -67,7 +69,12 @@ class OutputFolder:
         removed = 0
         for folder in {self.path, self.summary_file.parent}:
             for entry in folder.iterdir():
-                if _TEMPORARY.match(entry.name) and entry.is_file() and not entry.is_symlink() and _real(entry) not in self._protected:
+                if (
+                    _TEMPORARY.match(entry.name)
+                    and entry.is_file()
+                    and not entry.is_symlink()
+                    and _real(entry) not in self._protected
+                ):
                     entry.unlink(missing_ok=True)
                     removed += 1
         if removed:
@@ -126,7 +133,9 @@ class OutputFolder:
             if extra:
                 protected.setdefault(_real(extra), str(extra))
         if real in protected:
-            raise InputOverwriteError(f"{path}: refusing to write over the input {protected[real]}; choose another output_dir.")
+            raise InputOverwriteError(
+                f"{path}: refusing to write over the input {protected[real]}; choose another output_dir."
+            )
         return Path(path)
 
     @contextmanager

@@ -14,8 +14,15 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-__all__ = ["read_scan", "read_dicom_series", "dicom_series_files", "check_affine", "LoadScand",
-           "PLAUSIBLE_SPACING_MM", "MAX_RESAMPLED_VOXELS"]
+__all__ = [
+    "read_scan",
+    "read_dicom_series",
+    "dicom_series_files",
+    "check_affine",
+    "LoadScand",
+    "PLAUSIBLE_SPACING_MM",
+    "MAX_RESAMPLED_VOXELS",
+]
 
 # voxel sizes outside this range (mm) are a header error (e.g. pixdim in microns), not an MRI scan
 PLAUSIBLE_SPACING_MM = (0.01, 50.0)
@@ -46,22 +53,29 @@ def _check_slices(path, files: list[str], reader: sitk.ImageSeriesReader) -> Non
         positions = np.stack([_floats(reader.GetMetaData(i, "0020|0032")) for i in range(len(files))])
         orientations = np.stack([_floats(reader.GetMetaData(i, "0020|0037")) for i in range(len(files))])
     except (RuntimeError, ValueError) as error:
-        raise ValueError(f"{path}: a slice lacks Image Position / Orientation (Patient) ({error}); cannot check the slice order.") from error
+        raise ValueError(
+            f"{path}: a slice lacks Image Position / Orientation (Patient) ({error}); cannot check the slice order."
+        ) from error
     if positions.shape[1] != 3 or orientations.shape[1] != 6:
         raise ValueError(f"{path}: malformed Image Position / Orientation (Patient) tags.")
     if np.abs(orientations - orientations[0]).max() > 1e-3:
         changed = int(np.argmax(np.abs(orientations - orientations[0]).max(1)))
-        raise ValueError(f"{path}: slices of different orientations in one series ({Path(files[0]).name} and {Path(files[changed]).name}): "
-                         "mixed series or a localizer; export the series alone.")
+        raise ValueError(
+            f"{path}: slices of different orientations in one series "
+            f"({Path(files[0]).name} and {Path(files[changed]).name}): "
+            "mixed series or a localizer; export the series alone."
+        )
     normal = np.cross(orientations[0, :3], orientations[0, 3:])
     depth = positions @ normal
     ordered = np.argsort(depth, kind="stable")
     close = np.abs(np.diff(depth[ordered])) < 1e-3
     if close.any():
         first = int(np.argmax(close))
-        raise ValueError(f"{path}: {int(close.sum()) + 1} slices share a position with another "
-                         f"({Path(files[ordered[first]]).name} and {Path(files[ordered[first + 1]]).name}): several acquisitions or "
-                         "mixed series in one series; export each acquisition as its own series.")
+        raise ValueError(
+            f"{path}: {int(close.sum()) + 1} slices share a position with another "
+            f"({Path(files[ordered[first]]).name} and {Path(files[ordered[first + 1]]).name}): several acquisitions or "
+            "mixed series in one series; export each acquisition as its own series."
+        )
     steps = np.diff(depth)
     spacing = float(np.median(np.abs(steps)))
     worst = int(np.argmax(np.abs(np.abs(steps) - spacing)))
@@ -105,19 +119,26 @@ def check_affine(path, affine: np.ndarray) -> None:
     nearest orthogonal grid."""
     linear = np.asarray(affine, dtype=np.float64)[:3, :3]
     if not np.isfinite(linear).all() or abs(np.linalg.det(linear)) < 1e-9:
-        raise ValueError(f"{path}: the header's affine is singular or not finite ({np.round(linear, 4).tolist()}): "
-                         "voxels have no position in space; fix the header (qform/sform).")
+        raise ValueError(
+            f"{path}: the header's affine is singular or not finite ({np.round(linear, 4).tolist()}): "
+            "voxels have no position in space; fix the header (qform/sform)."
+        )
     spacing = np.linalg.norm(linear, axis=0)
     low, high = PLAUSIBLE_SPACING_MM
     if spacing.min() < low or spacing.max() > high:
-        raise ValueError(f"{path}: voxel size {np.round(spacing, 4).tolist()} mm is implausible for an MRI scan "
-                         f"(expected {low:g}-{high:g} mm): is the header in microns or metres? fix pixdim.")
+        raise ValueError(
+            f"{path}: voxel size {np.round(spacing, 4).tolist()} mm is implausible for an MRI scan "
+            f"(expected {low:g}-{high:g} mm): is the header in microns or metres? fix pixdim."
+        )
     unit = linear / spacing
     cosines = np.abs(unit.T @ unit - np.eye(3)).max()
     off = 90.0 - np.degrees(np.arccos(min(cosines, 1.0)))
     if off > SHEAR_TOLERANCE_DEGREES:
-        warnings.warn(f"{path}: the affine is sheared (voxel axes {off:.1f} degrees from perpendicular): volumes use its "
-                      "determinant, the overlay shows the nearest orthogonal grid", stacklevel=2)
+        warnings.warn(
+            f"{path}: the affine is sheared (voxel axes {off:.1f} degrees from perpendicular): volumes use its "
+            "determinant, the overlay shows the nearest orthogonal grid",
+            stacklevel=2,
+        )
 
 
 def read_scan(case: dict) -> MetaTensor:
@@ -129,8 +150,9 @@ def read_scan(case: dict) -> MetaTensor:
 
     Raises:
         ValueError naming the file when it cannot be read (corrupt, truncated, not an image, a broken link),
-        is not a 3D image (2D, 4D time series / multi-channel, a single slice (X, Y, 1)), holds NaN or Inf intensities, has a singular
-        affine or implausible voxel sizes, or is a DICOM series with missing, duplicate or mixed slices.
+        is not a 3D image (2D, 4D time series / multi-channel, a single slice (X, Y, 1)), holds NaN or Inf
+        intensities, has a singular affine or implausible voxel sizes, or is a DICOM series with missing,
+        duplicate or mixed slices.
     """
     path = case["image"]
     kind = case.get("format", "nifti")
@@ -155,10 +177,14 @@ def read_scan(case: dict) -> MetaTensor:
     if array.ndim == 4 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim != 3:
-        shape = {2: "a 2D image (one slice)", 4: "a 4D image (a time series or several volumes)"}.get(array.ndim, f"a {array.ndim}D array")
+        shape = {2: "a 2D image (one slice)", 4: "a 4D image (a time series or several volumes)"}.get(
+            array.ndim, f"a {array.ndim}D array"
+        )
         raise ValueError(f"{path}: expected a 3D image, got {shape} of shape {array.shape}.")
     if min(array.shape) < 2:
-        raise ValueError(f"{path}: a single slice of shape {array.shape}: expected a volume with at least 2 voxels along each axis.")
+        raise ValueError(
+            f"{path}: a single slice of shape {array.shape}: expected a volume with at least 2 voxels along each axis."
+        )
     finite = np.isfinite(array)
     if not finite.all():
         nan = int(np.isnan(array).sum())
@@ -166,7 +192,11 @@ def read_scan(case: dict) -> MetaTensor:
             f"{path}: {nan} NaN and {int((~finite).sum()) - nan} Inf intensities (of {array.size} voxels); "
             "a scan with missing values is not segmented: fix or re-export the file."
         )
-    meta = {"filename_or_obj": path, "original_affine": torch.as_tensor(affine), "spatial_shape": np.asarray(array.shape)}
+    meta = {
+        "filename_or_obj": path,
+        "original_affine": torch.as_tensor(affine),
+        "spatial_shape": np.asarray(array.shape),
+    }
     return MetaTensor(torch.from_numpy(np.ascontiguousarray(array))[None], affine=torch.as_tensor(affine), meta=meta)
 
 
@@ -182,7 +212,9 @@ class LoadScand(MapTransform):
         max_voxels: that limit.
     """
 
-    def __init__(self, keys="image", native_key: str | None = None, pixdim=None, max_voxels: int = MAX_RESAMPLED_VOXELS) -> None:
+    def __init__(
+        self, keys="image", native_key: str | None = None, pixdim=None, max_voxels: int = MAX_RESAMPLED_VOXELS
+    ) -> None:
         super().__init__(keys)
         self.native_key = native_key
         self.pixdim = None if pixdim is None else np.asarray(pixdim, dtype=np.float64)
@@ -193,10 +225,15 @@ class LoadScand(MapTransform):
             return
         shape = np.asarray(image.shape[1:], dtype=np.float64)
         spacing = np.linalg.norm(np.asarray(image.affine, dtype=np.float64)[:3, :3], axis=0)
-        target = np.where(self.pixdim > 0, np.ceil(shape * spacing / np.where(self.pixdim > 0, self.pixdim, 1.0)), shape)
+        target = np.where(
+            self.pixdim > 0, np.ceil(shape * spacing / np.where(self.pixdim > 0, self.pixdim, 1.0)), shape
+        )
         if float(np.prod(target)) > self.max_voxels:
-            raise ValueError(f"{path}: resampling to {self.pixdim.tolist()} mm would make a grid of {' x '.join(str(int(n)) for n in target)} "
-                             f"voxels (more than {self.max_voxels}): check the header's voxel size.")
+            raise ValueError(
+                f"{path}: resampling to {self.pixdim.tolist()} mm would make a grid of "
+                f"{' x '.join(str(int(n)) for n in target)} "
+                f"voxels (more than {self.max_voxels}): check the header's voxel size."
+            )
 
     def __call__(self, data):
         out = dict(data)

@@ -52,6 +52,7 @@ def _inside(path: Path, folder: Path | None) -> bool:
 def _walk(root: Path, skipped: Path | None):
     """(folder, files) of ``root`` and its sub-folders, hidden ones and ``skipped`` left out, links to folders
     not followed (logged)."""
+
     def unreadable(error: OSError) -> None:
         logger.warning(f"{error.filename}: cannot be read ({error.strerror}); its scans are not included")
 
@@ -63,7 +64,9 @@ def _walk(root: Path, skipped: Path | None):
             if name.startswith("."):
                 continue
             if sub.is_symlink():
-                logger.warning(f"{sub}: a link to the folder {os.readlink(sub)}, not followed (copy or link its files instead)")
+                logger.warning(
+                    f"{sub}: a link to the folder {os.readlink(sub)}, not followed (copy or link its files instead)"
+                )
                 continue
             if _inside(sub.resolve(), skipped):
                 continue
@@ -89,7 +92,9 @@ def find_scans(input_path: str | Path | None, exclude: str | Path | None = None,
         PermissionError: the input folder cannot be read.
     """
     if not input_path:
-        raise ValueError("no input given: pass --dataset_dir with a NIfTI file, a folder of NIfTI files or DICOM series.")
+        raise ValueError(
+            "no input given: pass --dataset_dir with a NIfTI file, a folder of NIfTI files or DICOM series."
+        )
     input_path = Path(input_path)
     if input_path.is_symlink() and not input_path.exists():
         raise FileNotFoundError(f"input {input_path} is a broken link (to {os.readlink(input_path)}).")
@@ -114,7 +119,9 @@ def find_scans(input_path: str | Path | None, exclude: str | Path | None = None,
                 continue
             if file.is_symlink() and not file.exists():
                 if _is_nifti_name(name):  # a case that fails when read, with the reason in its row
-                    cases.append({"image": str(file), "case": "_".join([*relative, case_name(file)]), "format": "nifti"})
+                    cases.append(
+                        {"image": str(file), "case": "_".join([*relative, case_name(file)]), "format": "nifti"}
+                    )
                 else:
                     logger.warning(f"{file}: a broken link (to {os.readlink(file)}), skipped")
                 continue
@@ -122,7 +129,14 @@ def find_scans(input_path: str | Path | None, exclude: str | Path | None = None,
                 cases.append({"image": str(file), "case": "_".join([*relative, case_name(file)]), "format": "nifti"})
         for number, series in enumerate(dicom_series_ids(folder)):
             name = "_".join(relative) or folder.name
-            cases.append({"image": str(folder), "case": name if number == 0 else f"{name}_{number}", "format": "dicom", "series": series})
+            cases.append(
+                {
+                    "image": str(folder),
+                    "case": name if number == 0 else f"{name}_{number}",
+                    "format": "dicom",
+                    "series": series,
+                }
+            )
     if not cases:
         raise FileNotFoundError(f"{input_path}: no NIfTI file (.nii, .nii.gz) and no DICOM series under it.")
     # unique names: a.nii and a.nii.gz side by side, or a.nii, a.nii.gz and a_2.nii.gz, never share outputs

@@ -56,7 +56,9 @@ class SaveMaskd(MapTransform):
         out = dict(data)
         for key in self.key_iterator(out):
             mask = out[key]
-            affine = np.asarray(mask.affine if isinstance(mask, MetaTensor) else out[self.image_key].affine, dtype=np.float64)
+            affine = np.asarray(
+                mask.affine if isinstance(mask, MetaTensor) else out[self.image_key].affine, dtype=np.float64
+            )
             array = np.asarray(mask.detach().cpu()).astype(np.uint8)[0]
             target = self.outputs.path_for(out.get("case", "case"), "mask")
             with self.outputs.atomic(target, also=[_source(out, self.image_key)]) as temporary:
@@ -72,7 +74,9 @@ class SaveOverlayd(MapTransform):
     outlined. Adds ``overlay_path``. See ``save_overlay``.
     """
 
-    def __init__(self, keys="pred", image_key="native_image", outputs=None, suffix: str | None = None, organ: str = "") -> None:
+    def __init__(
+        self, keys="pred", image_key="native_image", outputs=None, suffix: str | None = None, organ: str = ""
+    ) -> None:
         super().__init__(keys)
         self.image_key = image_key
         self.outputs = _folder(outputs, suffix)
@@ -89,7 +93,13 @@ class SaveOverlayd(MapTransform):
             target = self.outputs.path_for(case, "overlay")
             labels = np.asarray(mask.detach().cpu())[0]
             with self.outputs.atomic(target, also=[_source(out, "image")]) as temporary:
-                save_overlay(image[0] if image.ndim == 4 else image, labels, np.asarray(affine, dtype=np.float64), temporary, title=title)
+                save_overlay(
+                    image[0] if image.ndim == 4 else image,
+                    labels,
+                    np.asarray(affine, dtype=np.float64),
+                    temporary,
+                    title=title,
+                )
             out["overlay_path"] = str(target)
         return out
 
@@ -128,7 +138,8 @@ def save_overlay(image, mask, affine, path: str | Path, title: str = "") -> Path
     affine = np.asarray(affine, dtype=np.float64)
     if np.shape(image) != np.shape(mask) or np.ndim(image) != 3:
         raise ValueError(
-            f"{path}: the overlay needs a 3D image and a mask of the same shape, got {np.shape(image)} and {np.shape(mask)}."
+            f"{path}: the overlay needs a 3D image and a mask of the same shape, "
+            f"got {np.shape(image)} and {np.shape(mask)}."
         )
     orientation = nib.orientations.io_orientation(affine)
     volume = nib.orientations.apply_orientation(np.asarray(image, dtype=np.float32), orientation)
@@ -138,16 +149,32 @@ def save_overlay(image, mask, affine, path: str | Path, title: str = "") -> Path
     low, high = np.percentile(volume, [1.0, 99.5]) if volume.size else (0.0, 1.0)
     figure, axes = plt.subplots(2, 3, figsize=(10.5, 7.5))
     for axis, (name, picture, labelled, aspect) in zip(axes.flat, _display_slices(volume, labels, spacing)):
-        axis.imshow(picture, cmap="gray", vmin=low, vmax=high if high > low else low + 1, origin="lower", aspect=aspect,
-                    interpolation="nearest")
+        axis.imshow(
+            picture,
+            cmap="gray",
+            vmin=low,
+            vmax=high if high > low else low + 1,
+            origin="lower",
+            aspect=aspect,
+            interpolation="nearest",
+        )
         if labelled.any():
-            axis.imshow(np.ma.masked_equal(labelled, 0), cmap="autumn", alpha=0.3, origin="lower", aspect=aspect,
-                        interpolation="nearest")
+            axis.imshow(
+                np.ma.masked_equal(labelled, 0),
+                cmap="autumn",
+                alpha=0.3,
+                origin="lower",
+                aspect=aspect,
+                interpolation="nearest",
+            )
             axis.contour(labelled, levels=[0.5], colors="red", linewidths=0.8, origin="lower")
         axis.set_title(name, fontsize=9)
         axis.set_axis_off()
-    figure.suptitle(f"{title}\n(input grid, not resampled; patient right on image right)" if title else
-                    "input grid, not resampled; patient right on image right", fontsize=10)
+    figure.suptitle(
+        f"{title}\n(input grid, not resampled; patient right on image right)"
+        if title
+        else "input grid, not resampled; patient right on image right",
+        fontsize=10,
+    )
     figure.tight_layout()
     return save_figure_atomic(figure, path, dpi=90)
-
