@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import re
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -41,11 +43,33 @@ logger = logging.getLogger(__name__)
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 
+def config_file_folders(argv: list[str] | None = None) -> list[Path]:
+    """The folders holding the ``--config_file`` files of this process's command line (``python -m
+    monai.bundle run --config_file ...``: one path, a comma-separated list or a list literal), so that a
+    bundle is found from its own configs wherever it lies and wherever the package is installed."""
+    argv = sys.argv if argv is None else argv
+    values = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config_file"]
+    values += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config_file=")]
+    folders: list[Path] = []
+    for value in values:
+        try:
+            files = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            files = value
+        for file in [files] if isinstance(files, str) else files:
+            for part in str(file).split(","):
+                if part.strip():
+                    folders.append(Path(part.strip()).expanduser().resolve().parent)
+    return folders
+
+
 def locate_bundle_root(name: str) -> str:
-    """The bundle folder: the current folder if it is that bundle, else ``./bundles/<name>``, else the
-    one beside the installed package (an editable install of this repository), else the folder holding this
-    package (a zoo export, where this code is the bundle's ``scripts/``)."""
-    candidates = [Path.cwd(), Path.cwd() / "bundles" / name, REPOSITORY / "bundles" / name, REPOSITORY]
+    """The bundle folder: the bundle whose ``configs/`` holds a ``--config_file`` of this command (or is above
+    it, for ``configs/methods/``), else the current folder if it is that bundle, else ``./bundles/<name>``,
+    else the one beside the package (an editable install of this repository), else the folder holding this
+    package (a zoo export, where this code is the bundle's ``scripts/``). ``--bundle_root`` overrides it."""
+    from_configs = [folder.parents[i] for folder in config_file_folders() for i in range(min(2, len(folder.parents)))]
+    candidates = [*from_configs, Path.cwd(), Path.cwd() / "bundles" / name, REPOSITORY / "bundles" / name, REPOSITORY]
     for candidate in candidates:
         meta = candidate / "configs" / "metadata.json"
         if meta.is_file() and json.loads(meta.read_text()).get("name") == name:
@@ -375,14 +399,14 @@ def write_method_card(
 ) -> str:
     """``<output_dir>/method.json``: the method of a run, whether it reads target labels, its model-selection
     rule and reference, and ``settings`` (hyper-parameters). ``reads_target_labels`` (from the overlay) must
-    agree with ``aiva_monai.baselines.METHODS``: only ``oracle`` reads target labels."""
-    from aiva_monai.baselines import METHODS
-    from aiva_monai.baselines import reads_target_labels as known
+    agree with ``aiva_monai.methods.METHODS``: only ``oracle`` reads target labels."""
+    from aiva_monai.methods import METHODS
+    from aiva_monai.methods import reads_target_labels as known
 
     if bool(reads_target_labels) != known(method):
         raise ValueError(
             f"method {method!r}: the config says reads_target_labels={reads_target_labels}, "
-            f"aiva_monai.baselines.METHODS says {known(method)}."
+            f"aiva_monai.methods.METHODS says {known(method)}."
         )
     from aiva_monai.io import write_json_atomic
 

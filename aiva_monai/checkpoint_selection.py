@@ -6,7 +6,9 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
@@ -23,7 +25,7 @@ from aiva_monai.selection import (
     prediction_entropy,
 )
 
-__all__ = ["CheckpointSelectionHandler", "target_scores"]
+__all__ = ["CheckpointSelectionHandler", "TargetScoring", "target_scores"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,37 @@ def target_scores(
     return scores
 
 
+@dataclass
+class TargetScoring:
+    """The held-out UNLABELLED target slices the target-only rules score, and how (only ``image_key`` is read).
+
+    Attributes:
+        dataset: the slices (e.g. the target validation subjects' slices, without labels).
+        image_key: key of the image in a sample.
+        max_slices: an evenly spaced subset of at most this many slices (bounds the cost per candidate);
+            None: all.
+        perturbations: callables (N, C, H, W) -> (N, C, H, W) for ``target_agreement``; None:
+            ``intensity_perturbations()``; empty to leave that score out.
+        batch_size: slices per forward pass.
+    """
+
+    dataset: Any
+    image_key: str = "image"
+    max_slices: int | None = 512
+    perturbations: Sequence[Callable] | None = None
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        self.perturbations = intensity_perturbations() if self.perturbations is None else list(self.perturbations)
+
+    def images(self) -> torch.Tensor:
+        """(N, C, H, W) float images of the evenly spaced subset."""
+        n = len(self.dataset)
+        count = n if not self.max_slices else min(n, int(self.max_slices))
+        positions = torch.linspace(0, n - 1, count).round().long().unique().tolist()
+        return torch.stack([torch.as_tensor(self.dataset[i][self.image_key]).float() for i in positions])
+
+
 class CheckpointSelectionHandler:
     """Label-free model selection for an adaptation trainer (``aiva_monai.selection``).
 
@@ -76,7 +109,7 @@ class CheckpointSelectionHandler:
     it, ``selection.json`` maps every rule to its pick, and the pick of ``rule`` is copied to
     ``<output_dir>/<model_filename>``. At the end of the run, candidates no rule picks are deleted.
 
-    Target labels are never read: ``target_dataset`` is only asked for ``image_key``.
+    Target labels are never read: the target slices are only asked for their image.
 
     Args:
         network: the trained network (its weights and buffers are restored after each candidate).
@@ -84,15 +117,11 @@ class CheckpointSelectionHandler:
         rule: the rule whose pick becomes ``model_filename`` (``aiva_monai.selection.SELECTION_RULES``).
         validator: MONAI evaluator of the source validation subjects; None leaves out the source rules.
         source_metric: the validator's metric name holding the source Dice.
-        target_dataset: held-out unlabelled target slices (only ``image_key`` is read); None leaves out the
-            target rules.
-        max_target_slices: evenly spaced subset of ``target_dataset`` (bounds the cost per candidate).
-        perturbations: callables (N, C, H, W) -> (N, C, H, W) for ``target_agreement``; default
-            ``intensity_perturbations()``; empty to leave that score out.
+        target: the held-out unlabelled target slices and how they are scored (``TargetScoring``, or a dict
+            of its fields); None leaves out the target rules.
         prepare: callable(network) applied to the network before scoring and saving (changes are undone
             afterwards for training to continue), e.g. AdaBN.
         interval: epochs between candidates.
-        batch_size: slices per forward pass for the target scores.
         model_filename: where the pick of ``rule`` goes.
         keep_all: keep every candidate's file (default: only those some rule picks).
 
@@ -106,13 +135,9 @@ class CheckpointSelectionHandler:
         rule: str = "source_best",
         validator: Engine | None = None,
         source_metric: str = "val_source_dice",
-        target_dataset=None,
-        image_key: str = "image",
-        max_target_slices: int | None = 512,
-        perturbations: Sequence[Callable] | None = None,
+        target: TargetScoring | dict | None = None,
         prepare: Callable | None = None,
         interval: int = 1,
-        batch_size: int = 32,
         model_filename: str = "model.pt",
         keep_all: bool = False,
     ) -> None:
@@ -121,20 +146,17 @@ class CheckpointSelectionHandler:
         score = SELECTION_RULES[rule].score
         if score == "source_dice" and validator is None:
             raise ValueError(f"selection rule {rule!r} needs a source validator.")
-        if score is not None and score.startswith("target_") and target_dataset is None:
-            raise ValueError(f"selection rule {rule!r} needs held-out unlabelled target slices (target_dataset).")
+        target = TargetScoring(**target) if isinstance(target, dict) else target
+        if score is not None and score.startswith("target_") and target is None:
+            raise ValueError(f"selection rule {rule!r} needs held-out unlabelled target slices (target).")
         self.network = network
         self.output_dir = Path(output_dir)
         self.rule = rule
         self.validator = validator
         self.source_metric = source_metric
-        self.target_dataset = target_dataset
-        self.image_key = image_key
-        self.max_target_slices = max_target_slices
-        self.perturbations = intensity_perturbations() if perturbations is None else list(perturbations)
+        self.target = target
         self.prepare = prepare
         self.interval = int(interval)
-        self.batch_size = int(batch_size)
         self.model_filename = model_filename
         self.keep_all = bool(keep_all)
         self.records: list[dict] = []
@@ -148,12 +170,7 @@ class CheckpointSelectionHandler:
 
     def _target_images(self) -> torch.Tensor:
         if self._images is None:
-            n = len(self.target_dataset)
-            count = n if not self.max_target_slices else min(n, int(self.max_target_slices))
-            positions = torch.linspace(0, n - 1, count).round().long().unique().tolist()
-            self._images = torch.stack(
-                [torch.as_tensor(self.target_dataset[i][self.image_key]).float() for i in positions]
-            )
+            self._images = self.target.images()
         return self._images
 
     def add_candidate(self, engine: Engine) -> dict:
@@ -171,10 +188,13 @@ class CheckpointSelectionHandler:
             if self.validator is not None:
                 self.validator.run(epoch)
                 record["source_dice"] = float(self.validator.state.metrics[self.source_metric])
-            if self.target_dataset is not None:
+            if self.target is not None:
                 record.update(
                     target_scores(
-                        plain, self._target_images(), batch_size=self.batch_size, perturbations=self.perturbations
+                        plain,
+                        self._target_images(),
+                        batch_size=self.target.batch_size,
+                        perturbations=self.target.perturbations,
                     )
                 )
             with atomic_path(self.output_dir / record["file"]) as temporary:

@@ -8,6 +8,8 @@ import io
 import logging
 import sys
 from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +20,21 @@ from monai.engines import SupervisedEvaluator
 from monai.handlers import MeanDice, from_engine
 from monai.transforms import Activationsd, AsDiscreted, Compose, KeepLargestConnectedComponentd
 
-from aiva_monai.embedding import embed_and_cluster
+from aiva_monai.embedding import NetworkPass, embed_and_cluster
 from aiva_monai.handlers import SurfaceDiceHandler
 from aiva_monai.io import write_text_atomic
 from aiva_monai.metrics import voxel_spacing
 from aiva_monai.networks import BottleneckTap
 from aiva_monai.visualize import plot_clusterings
 
-__all__ = ["read_network_weights", "load_network_weights", "evaluate_volumes", "summarize", "run_evaluation"]
+__all__ = [
+    "read_network_weights",
+    "load_network_weights",
+    "evaluate_volumes",
+    "summarize",
+    "ClusterFigure",
+    "run_evaluation",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +177,31 @@ def _write_csv(rows: list[dict], path: Path) -> Path:
     return write_text_atomic(path, buffer.getvalue())
 
 
+@dataclass
+class ClusterFigure:
+    """``clusters.png`` of an evaluation: one panel per drawn checkpoint, the joint embedding of the source and
+    target slices with matched clusters in the same colour.
+
+    Attributes:
+        datasets: (source slices, target slices).
+        n_clusters: k.
+        settings: the round's ``ClusteringSettings`` (or a dict, e.g. the bundle's ``cluster_options``).
+        models: names of the checkpoints drawn; None: every checkpoint.
+    """
+
+    datasets: Sequence
+    n_clusters: int = 12
+    settings: dict | None = None
+    models: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.datasets, str) or len(self.datasets) != 2:
+            raise ValueError(f"ClusterFigure.datasets must be (source slices, target slices), got {self.datasets!r}.")
+
+    def draws(self, model_name: str) -> bool:
+        return self.models is None or model_name in self.models
+
+
 def run_evaluation(
     network,
     checkpoints: dict,
@@ -179,16 +213,12 @@ def run_evaluation(
     tolerances_mm=(1.0,),
     selection_rule: str = "",
     notes: str = "",
-    cluster_datasets=None,
-    n_clusters: int = 12,
-    cluster_options: dict | None = None,
+    clusters: ClusterFigure | dict | None = None,
     amp: bool = False,
     largest_component: bool = False,
-    cluster_models=None,
 ) -> dict:
-    """Evaluate every checkpoint on every volume set; write ``evaluation.csv``, ``summary.md`` and,
-    when ``cluster_datasets = (source_slices, target_slices)`` is given, ``clusters.png`` (one panel per
-    checkpoint: the joint embedding, matched clusters in the same colour).
+    """Evaluate every checkpoint on every volume set; write ``evaluation.csv``, ``summary.md`` and, when
+    ``clusters`` is given, ``clusters.png`` (``ClusterFigure``).
 
     Args:
         network: the network (its weights are replaced by each checkpoint in turn).
@@ -197,14 +227,13 @@ def run_evaluation(
         selection_rule: how the checkpoints were chosen, written next to every number.
         notes: extra lines for the summary (data set, synthetic or simulated, ...).
         tolerances_mm, largest_component: see ``evaluate_volumes``.
-        cluster_models: names of ``checkpoints`` drawn in ``clusters.png`` (default: every checkpoint).
+        clusters: the cluster figure (a ``ClusterFigure`` or a dict of its fields); None: no figure.
 
     Returns:
         {"rows": per-volume rows, "summary": markdown table, "files": written paths}.
     """
     output_dir = Path(output_dir)
-    if cluster_datasets is not None and (isinstance(cluster_datasets, str) or len(cluster_datasets) != 2):
-        raise ValueError(f"cluster_datasets must be (source slices, target slices) or None, got {cluster_datasets!r}.")
+    clusters = ClusterFigure(**clusters) if isinstance(clusters, dict) else clusters
     network = network.to(device)
     rows, clusterings = [], {}
     for model_name, checkpoint in checkpoints.items():
@@ -221,18 +250,17 @@ def run_evaluation(
                 largest_component=largest_component,
             ):
                 rows.append({"model": model_name, "set": set_name, **row})
-        if cluster_datasets is not None and (cluster_models is None or model_name in cluster_models):
+        if clusters is not None and clusters.draws(model_name):
             with BottleneckTap(network) as tap:
                 clusterings[f"{model_name} model"] = embed_and_cluster(
                     network,
                     tap,
-                    *cluster_datasets,
-                    n_clusters,
-                    device=device,
-                    amp=amp,
+                    *clusters.datasets,
+                    clusters.n_clusters,
+                    clusters.settings,
+                    NetworkPass(device=device, amp=amp),
                     progress=False,
                     label=f"{model_name} model: ",
-                    **(cluster_options or {}),
                 )
     table = summarize(rows, tolerances_mm)
     program = Path(sys.argv[0]) if sys.argv else Path("")

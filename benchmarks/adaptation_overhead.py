@@ -102,9 +102,8 @@ def aiva_run(network, source, target, args, device):
         source,
         target,
         n_clusters=12,
-        batch_size=args.embed_batch,
+        settings={"batch_size": args.embed_batch, "tsne_method": "opentsne"},
         num_workers=args.workers,
-        tsne_method="opentsne",
         progress=False,
         group_key=None,
     )

@@ -151,14 +151,22 @@ def sync(device):
 
 
 def one_round(name, network, source, target, settings, device, silences, amp):
-    from aiva_monai.embedding import embed_and_cluster
+    from aiva_monai.embedding import NetworkPass, embed_and_cluster
     from aiva_monai.networks import BottleneckTap
 
     print(f"\n-- round: {name} --", flush=True)
     with BottleneckTap(network) as tap, PeakMemory() as memory:
         start = time.perf_counter()
         result = embed_and_cluster(
-            network, tap, source, target, 12, settings, device=device, amp=amp, progress=False, label=f"[{name}] "
+            network,
+            tap,
+            source,
+            target,
+            12,
+            settings,
+            NetworkPass(device=device, amp=amp),
+            progress=False,
+            label=f"[{name}] ",
         )
         end = time.perf_counter()
     return result, {"wall": end - start, "extra_mb": memory.extra_mb, "longest_silence": silences.longest(start, end)}
@@ -354,11 +362,11 @@ def step_rates(network, source, target, result, steps: int, warmup: int, device,
 
 
 def warm_start(network, source, target, first, settings, device) -> list[dict]:
-    from aiva_monai.embedding import cluster_embedded, embed_sites
+    from aiva_monai.embedding import NetworkPass, cluster_embedded, embed_sites
     from aiva_monai.networks import BottleneckTap
 
     with BottleneckTap(network) as tap:
-        embedded = embed_sites(network, tap, source, target, settings, device=device)
+        embedded = embed_sites(network, tap, source, target, settings, NetworkPass(device=device))
     rows, results = [], {}
     try:
         for name, init in (("from scratch", None), ("warm-started", first.embedding)):

@@ -67,11 +67,16 @@ def make_trainer(
         target,
         n_clusters=n_clusters,
         interval=interval,
-        batch_size=8,
-        tsne_method=tsne_method,
-        seed=seed,
         progress=False,
-        **(handler_options or {}),
+        **{
+            **(handler_options or {}),
+            "settings": {
+                "batch_size": 8,
+                "tsne_method": tsne_method,
+                "seed": seed,
+                **(handler_options or {}).get("settings", {}),
+            },
+        },
     )
     handler.attach(trainer)
     return trainer, handler

@@ -14,18 +14,10 @@ from monai.data import DataLoader
 from monai.engines.utils import IterationEvents
 from torch import nn
 
-from aiva_monai.baselines import (
-    METHODS,
-    AdaptSegNetTrainer,
-    OracleTrainer,
-    OutputDiscriminator,
-    SegJDOTTrainer,
-    adapt_batchnorm,
-    batchnorm_layers,
-    jdot_plan,
-    reads_target_labels,
-    segjdot_loss,
-)
+from aiva_monai.batchnorm import adapt_batchnorm, batchnorm_layers
+from aiva_monai.engines import AdaptSegNetTrainer, OracleTrainer, OutputDiscriminator, SegJDOTTrainer
+from aiva_monai.jdot import jdot_plan, segjdot_loss
+from aiva_monai.methods import METHODS, reads_target_labels
 from aiva_monai.networks import PreActResUNet
 from tests.helpers import synthetic_site
 
@@ -306,7 +298,7 @@ def test_adaptsegnet_rejects_shared_optimisers_and_checkpoints_its_discriminator
     disc = OutputDiscriminator(2, channels=(4, 8))
     both = torch.optim.SGD(list(net.parameters()) + list(disc.parameters()), lr=0.1)
     with pytest.raises(ValueError, match="segmenter's optimizer holds discriminator"):
-        AdaptSegNetTrainer("cpu", 1, loader(source, 0), loader(target, 1), net, both, disc)
+        AdaptSegNetTrainer("cpu", 1, loader(source, 0), loader(target, 1), net, both, discriminator=disc)
     with pytest.raises(ValueError, match="not the discriminator's"):
         AdaptSegNetTrainer(
             "cpu",
@@ -315,7 +307,7 @@ def test_adaptsegnet_rejects_shared_optimisers_and_checkpoints_its_discriminator
             loader(target, 1),
             net,
             torch.optim.SGD(net.parameters(), lr=0.1),
-            disc,
+            discriminator=disc,
             discriminator_optimizer=torch.optim.Adam(net.parameters()),
         )
 
@@ -332,7 +324,7 @@ def test_adaptsegnet_rejects_shared_optimisers_and_checkpoints_its_discriminator
             loader(target, 1),
             n,
             torch.optim.SGD(n.parameters(), lr=0.01),
-            d,
+            discriminator=d,
             discriminator_optimizer=d_opt,
             discriminator_lr_scheduler=sched,
             epoch_length=2,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-from aiva_monai.checkpoint_selection import CheckpointSelectionHandler, target_scores
+from aiva_monai.checkpoint_selection import CheckpointSelectionHandler, TargetScoring, target_scores
 from aiva_monai.networks import PreActResUNet
 
 # the source validation Dice the fake validator reports at epochs 1..4
@@ -59,8 +59,7 @@ def make_run(tmp_path, rule, prepare=None, epochs=4):
         tmp_path,
         rule=rule,
         validator=make_validator(),
-        target_dataset=TargetSlices(),
-        max_target_slices=4,
+        target=TargetScoring(TargetSlices(), max_slices=4),
         prepare=prepare,
     )
     handler.attach(trainer)
@@ -93,7 +92,7 @@ def test_target_scores_match_a_direct_computation(tmp_path):
     trainer, handler, network = make_run(tmp_path, "target_entropy")
     trainer.run([0], max_epochs=1, epoch_length=1)
     images = torch.stack([TargetSlices()[i]["image"] for i in torch.linspace(0, 5, 4).round().long().tolist()])
-    expected = target_scores(network, images, perturbations=handler.perturbations)
+    expected = target_scores(network, images, perturbations=handler.target.perturbations)
     record = handler.records[0]
     for key, value in expected.items():
         assert record[key] == pytest.approx(value)

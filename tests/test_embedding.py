@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from aiva_monai.clustering import ClusteringSettings
-from aiva_monai.embedding import embed_and_cluster
+from aiva_monai.embedding import NetworkPass, embed_and_cluster
 from aiva_monai.networks import BottleneckTap, PreActResUNet
 from tests.helpers import synthetic_site
 
@@ -26,7 +26,7 @@ def setup():
     return network, synthetic_site(40, seed=0), synthetic_site(30, contrast=1.7, seed=1)
 
 
-def run(setup, settings, **kwargs):
+def run(setup, settings, site_context=None, **kwargs):
     network, source, target = setup
     with BottleneckTap(network) as tap:
         return embed_and_cluster(
@@ -36,6 +36,7 @@ def run(setup, settings, **kwargs):
             target,
             3,
             ClusteringSettings(**{"tsne_method": "sklearn", "batch_size": 8, **settings}),
+            NetworkPass(site_context=site_context),
             progress=False,
             **kwargs,
         )

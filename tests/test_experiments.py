@@ -15,7 +15,7 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow, run
 
-from aiva_monai.baselines import batchnorm_layers
+from aiva_monai.batchnorm import batchnorm_layers
 from aiva_monai.data.cc359 import CC359_SITES
 from aiva_monai.data.prostate import make_prostate_demo
 from aiva_monai.experiments import (

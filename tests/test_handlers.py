@@ -108,24 +108,24 @@ def test_attach_rejects_too_few_slices(sites):
         make_trainer(source, target[:2])
 
 
-def test_handler_settings_object_and_the_former_keywords(sites):
+def test_handler_takes_one_settings_object(sites):
     from aiva_monai.clustering import ClusteringSettings
     from aiva_monai.handlers import AIVAClusteringHandler
 
     handler = AIVAClusteringHandler(
-        *sites,
-        n_clusters=3,
-        settings={"perplexity": 5.0, "tsne_method": "opentsne", "batch_size": 4},
-        tsne_method="sklearn",
-        seed=9,
+        *sites, n_clusters=3, settings={"perplexity": 5.0, "tsne_method": "sklearn", "batch_size": 4, "seed": 9}
     )
     assert isinstance(handler.settings, ClusteringSettings)
-    assert (handler.settings.perplexity, handler.settings.tsne_method, handler.settings.seed, handler.batch_size) == (
-        5.0,
-        "sklearn",
-        9,
-        4,
-    )
+    assert (
+        handler.settings.perplexity,
+        handler.settings.tsne_method,
+        handler.settings.seed,
+        handler.settings.batch_size,
+    ) == (5.0, "sklearn", 9, 4)
+    settings = ClusteringSettings(seed=3)
+    assert AIVAClusteringHandler(*sites, n_clusters=3, settings=settings).settings is settings
+    with pytest.raises(TypeError):  # the former per-setting keywords are gone: one settings object
+        AIVAClusteringHandler(*sites, n_clusters=3, tsne_method="sklearn")
     with pytest.raises(ValueError, match="unknown clustering setting"):
         AIVAClusteringHandler(*sites, settings={"tsne": "x"})
     with pytest.raises(ValueError, match="slice_counts"):  # fails at construction, not at the first round

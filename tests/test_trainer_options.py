@@ -44,7 +44,7 @@ def run(sites, *, target_pass="full", mode="shared", steps=3):
         n_clusters=3,
         settings={"tsne_method": "sklearn", "seed": 0},
         progress=False,
-        site_context=batchnorm.site_statistics,
+        network_pass={"site_context": batchnorm.site_statistics},
     ).attach(trainer)
     losses = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output["align_loss"])))

@@ -68,10 +68,13 @@ def test_the_export_is_self_contained(bundle, exported):
         "models/model.pt",
         "scripts/__init__.py",
         "scripts/inference/evaluator.py",
-        "scripts/engines.py",
+        "scripts/engines/__init__.py",
+        "scripts/engines/base.py",
+        "scripts/engines/aiva.py",
+        "scripts/handlers/aiva_clustering.py",
     ):
         assert (root / name).is_file(), name
-    assert not (root / "scripts" / "experiments.py").exists()  # no config needs the experiment matrix
+    assert not (root / "scripts" / "experiments").exists()  # no config needs the experiment matrix
     for file in [*root.joinpath("configs").rglob("*.json"), *root.joinpath("scripts").rglob("*.py")]:
         assert "aiva_monai" not in file.read_text(encoding="utf-8"), file
     inference = json.loads((root / "configs" / "inference.json").read_text(encoding="utf-8"))

@@ -1,35 +1,23 @@
-"""Ignite handlers: per-epoch clustering and matching for AIVA, and per-volume surface Dice."""
+"""``AIVAClusteringHandler``: re-clusters source and target at the start of every adaptation epoch."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import re
 import sys
 import time
-from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from monai.handlers.ignite_metric import IgniteMetricHandler
-from monai.utils import CommonKeys as Keys
 
 from aiva_monai.clustering import ClusteringSettings, SiteClustering, cluster_sketches, slice_positions
-from aiva_monai.embedding import compute_source_means, distributed_context, embed_and_cluster, embed_sites
+from aiva_monai.embedding import NetworkPass, compute_source_means, distributed_context, embed_and_cluster, embed_sites
 from aiva_monai.engines import ClusterAssignment
+from aiva_monai.handlers.site_counts import per_group_cluster_counts, source_slice_groups
 from aiva_monai.io import write_csv_atomic
-from aiva_monai.metrics import VolumeSurfaceDiceMetric
 from aiva_monai.progress import RoundProgress
-
-__all__ = [
-    "AIVAClusteringHandler",
-    "SaverState",
-    "SurfaceDiceHandler",
-    "per_group_cluster_counts",
-    "source_slice_groups",
-]
 
 _ARRAY_FIELDS = ("source_labels", "target_labels", "embedding", "source_centers", "target_centers", "match")
 
@@ -52,8 +40,9 @@ class AIVAClusteringHandler:
         interval: re-cluster every this many epochs.
         settings: every setting of the round, one ``ClusteringSettings`` (or a dict of them, such as a
             bundle's ``cluster_options``; None: the defaults).
-        num_workers: data-loader workers of the embedding pass.
-        image_key, index_key: keys of the image and of the dataset index in a sample.
+        network_pass: how the embedding pass runs the network: loader workers, image and index keys,
+            per-site context around each site's pass (``NetworkPass`` or a dict of its fields; the device
+            and AMP come from the trainer).
         progress: show progress bars (default: when stderr is a terminal); log lines are always written.
         group_key: volume entry key naming each source slice's site (``SliceDataset`` data). When the
             source holds several sites (leave-one-site-out), their union is clustered as one source and
@@ -61,9 +50,6 @@ class AIVAClusteringHandler:
         name: logger name.
         stats_file: CSV file rewritten after every round, one row per round (epoch, sizes, matched cost,
             seconds per stage); None: no file.
-        site_context: passed to ``embed_and_cluster`` (per-site context around each site's pass).
-        batch_size, pca_components, sketch_dim, tsne_method, perplexity, seed, n_jobs: the former
-            keywords; when given they override the same fields of ``settings``.
 
     Every round's seconds per stage are also put in ``engine.state.metrics`` as ``aiva_time_<stage>``
     (and ``aiva_round_seconds``, the time training waited) for the epoch, so MONAI's ``StatsHandler`` and
@@ -91,47 +77,26 @@ class AIVAClusteringHandler:
         n_clusters: int = 12,
         interval: int = 1,
         settings: ClusteringSettings | dict | None = None,
-        num_workers: int = 0,
-        image_key: str = Keys.IMAGE,
-        index_key: str = "index",
+        network_pass: NetworkPass | dict | None = None,
         progress: bool | None = None,
         group_key: str | None = "site",
         name: str | None = None,
         stats_file: str | None = None,
-        site_context=None,
-        *,
-        batch_size: int | None = None,
-        pca_components: int | None = None,
-        sketch_dim: int | None = None,
-        tsne_method: str | None = None,
-        perplexity: float | None = None,
-        seed: int | None = None,
-        n_jobs: int | None = None,
     ) -> None:
         if interval < 1:
             raise ValueError(f"interval must be at least 1, got {interval}.")
-        self.settings = ClusteringSettings.coerce(
-            settings,
-            batch_size=batch_size,
-            pca_components=pca_components,
-            sketch_dim=sketch_dim,
-            tsne_method=tsne_method,
-            perplexity=perplexity,
-            seed=seed,
-            n_jobs=n_jobs,
-        )
+        self.settings = ClusteringSettings.coerce(settings)
         self.source_dataset = source_dataset
         self.target_dataset = target_dataset
         self.n_clusters = int(n_clusters)
         self.interval = int(interval)
-        self.num_workers = int(num_workers)
-        self.image_key = image_key
-        self.index_key = index_key
+        self.network_pass = (
+            NetworkPass(**network_pass) if isinstance(network_pass, dict) else network_pass or NetworkPass()
+        )
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.source_groups = source_slice_groups(source_dataset, group_key) if group_key else None
         self.logger = logging.getLogger(name or __name__)
         self.stats_file = stats_file
-        self.site_context = site_context
         if self.settings.slice_position:
             slice_positions(source_dataset), slice_positions(target_dataset)  # fail now, not at the first round
         self.clustering: SiteClustering | None = None
@@ -144,19 +109,6 @@ class AIVAClusteringHandler:
         self._executor = None
         self._reported = 0
         self._device = "cpu"
-
-    # the former attributes, read by callers of the old handler
-    @property
-    def seed(self) -> int:
-        return self.settings.seed
-
-    @property
-    def batch_size(self) -> int:
-        return self.settings.batch_size
-
-    @property
-    def sketch_dim(self) -> int:
-        return self.settings.sketch_dim
 
     def attach(self, engine: Engine) -> None:
         if not hasattr(engine, "bottleneck_tap"):
@@ -203,15 +155,9 @@ class AIVAClusteringHandler:
 
     # -- the clustering round -------------------------------------------------------------------
 
-    def _options(self, engine: Engine) -> dict:
-        return dict(
-            device=engine.state.device,
-            num_workers=self.num_workers,
-            image_key=self.image_key,
-            index_key=self.index_key,
-            amp=engine.amp,
-            amp_kwargs=engine.amp_kwargs,
-            site_context=self.site_context,
+    def _network_pass(self, engine: Engine) -> NetworkPass:
+        return dataclasses.replace(
+            self.network_pass, device=engine.state.device, amp=engine.amp, amp_kwargs=engine.amp_kwargs
         )
 
     def _settings_for(self, engine: Engine) -> ClusteringSettings:
@@ -233,11 +179,11 @@ class AIVAClusteringHandler:
             self.target_dataset,
             self.n_clusters,
             self._settings_for(engine),
+            self._network_pass(engine),
             progress=self.progress,
             label=f"epoch {epoch}: ",
             init_embedding=self._previous_embedding(),
             log=self.logger,
-            **self._options(engine),
         )
         self.clustering, self.clustered_epoch = result, epoch
         self._record(epoch, result)
@@ -314,7 +260,6 @@ class AIVAClusteringHandler:
 
         epoch = engine.state.epoch
         settings = self._settings_for(engine)
-        options = self._options(engine)
         reporter = RoundProgress(self.logger, f"AIVA epoch {epoch}: ", settings.log_every_s, bar=self.progress)
         embedded = embed_sites(
             engine.network,
@@ -322,8 +267,8 @@ class AIVAClusteringHandler:
             self.source_dataset,
             self.target_dataset,
             settings,
+            self._network_pass(engine),
             progress=reporter,
-            **options,
         )
         reporter.close()
         if self._executor is None:
@@ -361,7 +306,7 @@ class AIVAClusteringHandler:
             waited = time.perf_counter() - waited
             start = time.perf_counter()
             result.source_means = compute_source_means(
-                result, embedded, self.n_clusters, self.settings, device=self._device
+                result, embedded, self.n_clusters, self.settings, NetworkPass(device=self._device)
             )
             result.timings = {
                 "embed": embedded.seconds,
@@ -473,122 +418,3 @@ def _background_init(parent: int) -> None:
     if os.getppid() != parent:
         os._exit(1)
     threading.Thread(target=watch, daemon=True, name="aiva-parent-watch").start()
-
-
-class SaverState:
-    """What MONAI ``CheckpointSaver`` objects remember between saves (the best key-metric score so far,
-    the files they keep), and the evaluator's best metric, as one checkpointable object.
-
-    Put it in the periodic checkpoint's ``save_dict``: a resumed run then keeps the uninterrupted run's
-    best model (instead of overwriting ``model.pt`` with its first validation) and replaces the
-    checkpoint it resumed from (``n_saved``) instead of leaving it behind. The periodic saver itself
-    holds this object in its ``save_dict``, so it is added after construction with ``track``.
-    """
-
-    def __init__(self, savers=(), evaluator=None) -> None:
-        self.savers = {}
-        self.resumed_from = {}
-        self.evaluator = evaluator
-        for name, saver in dict(savers).items():
-            self.track(saver, name)
-
-    def track(self, saver, name: str = "checkpoint", resumed_from=None):
-        """Also save and restore ``saver``'s state under ``name``; returns self.
-
-        ``resumed_from``: the checkpoint file a resumed run starts from, written by ``saver`` itself. Its
-        saved state predates that file (a saver records a file after writing it), so the file is added
-        back to the saver's list on loading, and is replaced like any other when newer ones are written.
-        """
-        self.savers[name] = saver
-        if resumed_from:
-            self.resumed_from[name] = Path(resumed_from).name
-        return self
-
-    def _checkpoints(self) -> dict:
-        found = {}
-        for name, saver in self.savers.items():
-            for kind in ("key_metric", "interval"):
-                checkpoint = getattr(saver, f"_{kind}_checkpoint", None)
-                if checkpoint is not None:
-                    found[f"{name}/{kind}"] = (checkpoint, name)
-        return found
-
-    def state_dict(self) -> dict:
-        state = {
-            key: [(float(p), str(f)) for p, f in checkpoint.state_dict()["_saved"]]
-            for key, (checkpoint, _) in self._checkpoints().items()
-        }
-        if self.evaluator is not None:
-            state["best_metric"] = float(self.evaluator.state.best_metric)
-            state["best_metric_epoch"] = int(self.evaluator.state.best_metric_epoch)
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        for key, (checkpoint, name) in self._checkpoints().items():
-            folder = Path(getattr(checkpoint.save_handler, "dirname", "."))
-            # files deleted since the state was taken are forgotten; the file resumed from is remembered
-            saved = [(p, f) for p, f in state.get(key, []) if (folder / f).exists()]
-            resumed = self.resumed_from.get(name)
-            if (
-                resumed
-                and key.endswith("interval")
-                and resumed not in [f for _, f in saved]
-                and (folder / resumed).exists()
-            ):
-                numbers = re.findall(r"(\d+)", Path(resumed).stem)  # its global step, as the saver named it
-                saved.append((float(numbers[-1]) if numbers else 0.0, resumed))
-            checkpoint.load_state_dict({"_saved": saved})
-        if self.evaluator is not None and "best_metric" in state:
-            self.evaluator.state.best_metric = state["best_metric"]
-            self.evaluator.state.best_metric_epoch = state["best_metric_epoch"]
-
-
-def source_slice_groups(dataset, key: str = "site") -> np.ndarray | None:
-    """The ``key`` of every slice's volume entry, for a ``SliceDataset`` (None for other datasets)."""
-    data, counts = getattr(dataset, "data", None), getattr(dataset, "slice_counts", None)
-    if data is None or counts is None:
-        return None
-    return np.repeat(np.asarray([str(entry.get(key, "?")) for entry in data], dtype=object), counts)
-
-
-def per_group_cluster_counts(groups: np.ndarray, labels: np.ndarray, n_clusters: int) -> dict:
-    """For each group (site): slice count, per-cluster slice counts (k,), clusters used, largest share."""
-    stats = {}
-    for group in sorted(set(groups.tolist())):
-        counts = np.bincount(np.asarray(labels)[groups == group], minlength=n_clusters)
-        stats[group] = {
-            "slices": int(counts.sum()),
-            "cluster_counts": counts.tolist(),
-            "clusters_used": int((counts > 0).sum()),
-            "largest_share": float(counts.max() / max(1, counts.sum())),
-        }
-    return stats
-
-
-class SurfaceDiceHandler(IgniteMetricHandler):
-    """Per-volume surface Dice at a tolerance in mm (MONAI metric handler wiring).
-
-    Args:
-        tolerance_mm: boundary tolerance in millimetres (paper: 1 mm).
-        include_background, use_subvoxels, reduction: see ``VolumeSurfaceDiceMetric``.
-        output_transform: extracts ``(y_pred, y)`` (one-hot, channel-first, MetaTensors with affines)
-            from ``engine.state.output``.
-        save_details: keep every volume's score in ``engine.state.metric_details``.
-    """
-
-    def __init__(
-        self,
-        tolerance_mm: float = 1.0,
-        include_background: bool = False,
-        use_subvoxels: bool = True,
-        reduction="mean",
-        output_transform: Callable = lambda x: x,
-        save_details: bool = True,
-    ) -> None:
-        metric = VolumeSurfaceDiceMetric(
-            tolerance_mm=tolerance_mm,
-            include_background=include_background,
-            use_subvoxels=use_subvoxels,
-            reduction=reduction,
-        )
-        super().__init__(metric_fn=metric, output_transform=output_transform, save_details=save_details)

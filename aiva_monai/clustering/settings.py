@@ -1,0 +1,205 @@
+"""Every setting of a clustering round in one frozen ``ClusteringSettings``, and the round's result
+(``SiteClustering``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+TSNE_METHODS = ("opentsne", "sklearn")
+
+
+SOURCE_MEANS = ("store", "second_pass")
+
+
+STORE_DTYPES = ("float16", "float32")
+
+
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ClusteringSettings:
+    """Every setting of an AIVA clustering round, in one frozen (immutable, hashable) object.
+
+    Built once (from the bundle's ``cluster_options`` dict: ``ClusteringSettings.coerce``) and passed
+    unchanged from ``AIVAClusteringHandler`` to ``embed_and_cluster`` and ``cluster_sketches``.
+    ``settings.replace(name=value)`` returns a modified copy.
+
+    Embedding pass (``aiva_monai.embedding``):
+        batch_size: slices per network batch.
+        encoder_only: run only the encoder up to the bottleneck (``aiva_monai.networks.encode``);
+            False runs the full network (the decoder's output is discarded), as before issue 14.
+        channels_last: run the encoder's activations in channels-last memory format (faster
+            convolutions on CPU and with AMP; features equal up to float rounding).
+        precision: "auto" (the trainer's AMP setting, as before), "float32", "bfloat16" or "float16"
+            (autocast for the embedding pass only; bfloat16 halves the CPU cost on CPUs with
+            bfloat16 instructions at about 1 % relative error in the features).
+        source_means: "store" (one network pass per round: each source slice's full feature is kept in
+            a ``FeatureStore`` and the means are summed from it once the clusters exist) or
+            "second_pass" (a second pass over the source after clustering, as before issue 14).
+        store_dtype: "float16" (per-row scaled: relative error ~2e-4 per value, unbiased) or "float32"
+            (the means are then bit-identical to the second pass's).
+        store_memory_mb: host memory the store may hold; rows beyond it go to a temporary file.
+        store_dir: folder of that file (default: the system's temporary folder).
+
+    Steps 2-4 (``cluster_sketches``):
+        sketch_dim: random-projection size before PCA (``FeatureProjector``).
+        pca_components: PCA size before t-SNE (reference: 20).
+        pca_device: None (scikit-learn on the CPU) or a torch device for ``torch_pca`` (the embedding
+            pass sets the training device when it is a GPU).
+        tsne_method: "opentsne" (FFT-accelerated, default) or "sklearn" (Barnes-Hut).
+        perplexity: t-SNE perplexity (reference: 30); lowered to (n - 1) / 3 for very small sets.
+        tsne_exaggeration_iter: early-exaggeration iterations (openTSNE's default, 250; scikit-learn's
+            is fixed at 250).
+        tsne_iter: iterations after the early exaggeration (openTSNE's default is 500; 250 agrees with
+            it on IXI-HH features, ARI 0.97 of the target clusters, at 55 % of the cost:
+            ``benchmarks/clustering_round.py``).
+        tsne_warm_start: from the second round on, start t-SNE from the previous round's embedding
+            (same slices in the same order: the features moved, the slices did not) and run
+            ``tsne_warm_iter`` iterations without early exaggeration (openTSNE only).
+        tsne_warm_iter: iterations of a warm-started round.
+        kmeans_n_init: k-means restarts (the source's; and the target's unless initialised from it).
+        target_init_from_source: initialise the target k-means from the source centres (one run)
+            instead of k-means++ (the reference code's option; not in the paper).
+        slice_position: weight of each slice's normalised position in its volume (0 at its first
+            slice, 1 at its last), appended as one more column after PCA, before t-SNE (the reference
+            code's option; not in the paper). The column is ``slice_position * sqrt(total variance of
+            the PCA scores) * position``: weight 1 gives the position a range equal to the features'
+            RMS spread. 0 (default) appends nothing.
+        seed: seeds the projection, PCA, t-SNE and k-means: a fixed seed gives identical results.
+        n_jobs: threads for t-SNE (-1: all cores).
+
+    Scheduling (``AIVAClusteringHandler``):
+        overlap: compute each round's PCA, t-SNE, k-means and matching in a background process while
+            training continues with the previous round's clusters (one epoch stale; see the handler).
+        log_every_s: at most this many seconds between two progress lines of a round in the log.
+    """
+
+    batch_size: int = 32
+    encoder_only: bool = True
+    channels_last: bool = True
+    precision: str = "auto"
+    source_means: str = "store"
+    store_dtype: str = "float16"
+    store_memory_mb: float = 1024.0
+    store_dir: str | None = None
+    sketch_dim: int = 1024
+    pca_components: int = 20
+    pca_device: str | None = None
+    tsne_method: str = "opentsne"
+    perplexity: float = 30.0
+    tsne_exaggeration_iter: int = 250
+    tsne_iter: int = 250
+    tsne_warm_start: bool = False
+    tsne_warm_iter: int = 150
+    kmeans_n_init: int = 10
+    target_init_from_source: bool = False
+    slice_position: float = 0.0
+    seed: int = 0
+    n_jobs: int = -1
+    overlap: bool = False
+    log_every_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        choices = {
+            "tsne_method": TSNE_METHODS,
+            "source_means": SOURCE_MEANS,
+            "store_dtype": STORE_DTYPES,
+            "precision": PRECISIONS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {allowed}.")
+        for name in ("batch_size", "sketch_dim", "pca_components", "kmeans_n_init"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        for name in ("tsne_exaggeration_iter", "tsne_iter", "tsne_warm_iter"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}.")
+        if self.tsne_iter + self.tsne_exaggeration_iter < 1:
+            raise ValueError("tsne_exaggeration_iter + tsne_iter must be at least 1.")
+        if not self.perplexity > 0:
+            raise ValueError(f"perplexity must be positive, got {self.perplexity}.")
+        if self.slice_position < 0 or not np.isfinite(self.slice_position):
+            raise ValueError(f"slice_position (a weight) must be a finite number >= 0, got {self.slice_position}.")
+        if self.store_memory_mb < 0:
+            raise ValueError(f"store_memory_mb must be >= 0, got {self.store_memory_mb}.")
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def replace(self, **changes) -> ClusteringSettings:
+        """A copy with ``changes`` applied (unknown names raise ValueError)."""
+        unknown = sorted(set(changes) - set(self.names()))
+        if unknown:
+            raise ValueError(f"unknown clustering setting(s) {unknown}; known: {', '.join(self.names())}.")
+        return dataclasses.replace(self, **changes) if changes else self
+
+    @classmethod
+    def coerce(cls, settings=None, **changes) -> ClusteringSettings:
+        """``settings`` as a ``ClusteringSettings``: an instance, a dict of settings (a bundle's
+        ``cluster_options``) or None (the defaults); then ``changes`` applied, None values ignored."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if settings is None:
+            base = cls()
+        elif isinstance(settings, cls):
+            base = settings
+        elif isinstance(settings, dict) or hasattr(settings, "items"):
+            base = cls().replace(**dict(settings.items()))
+        else:
+            raise TypeError(
+                f"clustering settings must be a ClusteringSettings, a dict or None, got {type(settings).__name__}."
+            )
+        return base.replace(**changes)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class SiteClustering:
+    """Result of one clustering round. k = number of clusters, D = flattened feature size.
+
+    Attributes:
+        source_labels: (n_s,) source cluster id of every source sample.
+        target_labels: (n_t,) target cluster id of every target sample.
+        embedding: (n_s + n_t, 2) joint t-SNE embedding, source rows first.
+        source_centers: (k, 2) k-means centres of the source points in the embedding.
+        target_centers: (k, 2) k-means centres of the target points in the embedding.
+        match: (k,) ``match[i]`` is the source cluster matched to target cluster ``i``.
+        matched_cost: sum of squared centre distances of the matched pairs.
+        source_means: (k, D) float32 mean full-dimensional source feature of each source cluster,
+            or None before it has been computed.
+        perplexity: the t-SNE perplexity actually used (lowered for very small sets).
+        timings: seconds spent in each stage.
+        warm_started: whether t-SNE started from the previous round's embedding.
+    """
+
+    source_labels: np.ndarray
+    target_labels: np.ndarray
+    embedding: np.ndarray
+    source_centers: np.ndarray
+    target_centers: np.ndarray
+    match: np.ndarray
+    matched_cost: float
+    source_means: torch.Tensor | None = None
+    perplexity: float = 30.0
+    timings: dict = field(default_factory=dict)
+    warm_started: bool = False
+
+    @property
+    def n_clusters(self) -> int:
+        return int(self.source_centers.shape[0])
+
+    @property
+    def source_sizes(self) -> np.ndarray:
+        return np.bincount(self.source_labels, minlength=self.n_clusters)
+
+    @property
+    def target_sizes(self) -> np.ndarray:
+        return np.bincount(self.target_labels, minlength=self.n_clusters)

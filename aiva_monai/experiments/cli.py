@@ -1,0 +1,156 @@
+"""The command line: ``python -m aiva_monai.experiments run | grid | report``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from aiva_monai.bundle import REPOSITORY
+from aiva_monai.experiments.grid import DEFAULT_K, METHOD_ORDER, PRESETS, grid
+from aiva_monai.experiments.matrix import run_matrix
+from aiva_monai.experiments.report import write_report
+from aiva_monai.experiments.runner import BundleCellRunner
+from aiva_monai.experiments.store import RESULTS_NAME
+from aiva_monai.selection import SELECTION_RULES
+
+
+def subset_datalist(datalist: str | Path, counts: Sequence[int], path: Path) -> Path:
+    """The first ``counts`` = (source train, val, test, target train, val, test) subjects of each split of a
+    two-site datalist (default source / target sites), written to ``path`` (same relative paths)."""
+    from aiva_monai.io import write_json_atomic
+
+    content = json.loads(Path(datalist).read_text())
+    source, target = content["default_source_site"], content["default_target_site"]
+    if len(counts) != 6:
+        raise ValueError("--subset needs 6 numbers: source train,val,test and target train,val,test subjects.")
+    out = {k: v for k, v in content.items() if k not in ("training", "validation", "test")}
+    for index, split in enumerate(("training", "validation", "test")):
+        out[split] = [e for e in content[split] if e["site"] == source][: counts[index]] + [
+            e for e in content[split] if e["site"] == target
+        ][: counts[3 + index]]
+    out["description"] = (
+        f"subset {list(counts)} (source train/val/test, target train/val/test) of {Path(datalist).name}: "
+        + content.get("description", "")
+    )
+    write_json_atomic(path, out)
+    return path
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m aiva_monai.experiments",
+        description="The experiment matrix of the AIVA paper: run a preset's cells, list them, or report.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "grid"):
+        sub = commands.add_parser(name, help="run the matrix" if name == "run" else "list the cells of a preset")
+        sub.add_argument("--preset", required=True, choices=sorted(PRESETS))
+        sub.add_argument("--methods", nargs="+", default=list(METHOD_ORDER), choices=list(METHOD_ORDER))
+        sub.add_argument("--seeds", nargs="+", type=int, default=[0])
+        sub.add_argument(
+            "--k",
+            nargs="+",
+            type=int,
+            default=[DEFAULT_K],
+            help="AIVA's numbers of clusters (paper Fig. 5: 3 6 9 12 15 18)",
+        )
+        sub.add_argument(
+            "--steps", type=int, default=None, help="adaptation steps of every method (default: the paper's)"
+        )
+        sub.add_argument(
+            "--paper-subset", action="store_true", help="cc359: the paper's 25 table pairs + 5 k-ablation pairs"
+        )
+        sub.add_argument("--targets", nargs="+", default=None, help="only these target sites")
+    run = commands.choices["run"]
+    run.add_argument("--output", required=True, help="matrix folder: results.jsonl, runs/, pretrain/")
+    run.add_argument("--dataset_dir", default=None)
+    run.add_argument(
+        "--datalist", default=None, help="a datalist JSON (ixi-sim: default the shipped datalist_ixi_hh.json)"
+    )
+    run.add_argument(
+        "--subset",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=None,
+        help=(
+            "two-site datalists: use the first N subjects per split, "
+            "'src_train,src_val,src_test,tgt_train,tgt_val,tgt_test'"
+        ),
+    )
+    run.add_argument("--epoch_length", type=int, default=None, help="steps between validations / checkpoints")
+    run.add_argument("--cluster_every", type=int, default=None, help="AIVA: steps between clustering rounds")
+    run.add_argument("--pretrain_steps", type=int, default=None)
+    run.add_argument("--source_checkpoint", default=None)
+    run.add_argument(
+        "--selection",
+        default=None,
+        choices=sorted(SELECTION_RULES),
+        help="the label-free rule whose pick is each trained method's model (default: train.json's); every "
+        "rule's pick is evaluated and reported anyway",
+    )
+    run.add_argument(
+        "--set", nargs="+", default=[], metavar="KEY=VALUE", help="extra monai.bundle overrides (JSON values)"
+    )
+    run.add_argument("--stop-on-error", action="store_true")
+    report = commands.add_parser("report", help="tables and figures from a results file")
+    report.add_argument("results", help="the matrix folder or its results.jsonl")
+    report.add_argument("--out", default=None, help="report folder (default <results folder>/report)")
+    report.add_argument("--no-figures", action="store_true")
+    args = parser.parse_args(argv)
+
+    if args.command == "report":
+        write_report(args.results, args.out, figures=not args.no_figures)
+        return 0
+    cells = grid(args.preset, args.methods, args.seeds, args.k, args.steps, args.paper_subset)
+    if args.targets:
+        cells = [c for c in cells if c.target in args.targets]
+    if args.command == "grid":
+        for cell in cells:
+            print(cell.id)
+        print(f"{len(cells)} cells")
+        return 0
+    preset = PRESETS[args.preset]
+    output = Path(args.output)
+    datalist = args.datalist
+    if args.subset:
+        base = datalist or (REPOSITORY / preset.shipped_datalist if preset.shipped_datalist else None)
+        if base is None:
+            raise SystemExit("--subset needs --datalist (or a preset with a shipped datalist).")
+        datalist = str(subset_datalist(base, args.subset, output / "datalist_subset.json"))
+    if preset.shipped_datalist and not args.dataset_dir:
+        raise SystemExit(
+            f"--preset {args.preset} needs --dataset_dir (the data the datalist's relative paths point into)."
+        )
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = _parse_value(value)
+    runner = BundleCellRunner(
+        preset,
+        output,
+        dataset_dir=args.dataset_dir,
+        datalist=datalist,
+        epoch_length=args.epoch_length,
+        cluster_every=args.cluster_every,
+        pretrain_steps=args.pretrain_steps,
+        source_checkpoint=args.source_checkpoint,
+        overrides=overrides,
+        selection=args.selection,
+    )
+    print(f"{len(cells)} cells ({preset.description}); results: {output / RESULTS_NAME}", flush=True)
+    summary = run_matrix(cells, output, runner, keep_going=not args.stop_on_error)
+    print(
+        f"ran {len(summary['ran'])}, skipped {len(summary['skipped'])} (already recorded), "
+        f"failed {len(summary['failed'])}"
+    )
+    for cell_id, message in summary["failed"]:
+        print(f"  FAILED {cell_id}: {message.splitlines()[0] if message else ''}")
+    return 1 if summary["failed"] else 0

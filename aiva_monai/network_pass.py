@@ -1,0 +1,179 @@
+"""Running a network over slices: how (``NetworkPass``), the batch-by-batch bottleneck features
+(``iterate_features``), eval mode without gradients, and the torch.distributed sharing of a pass."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from monai.data import DataLoader
+
+from aiva_monai.clustering import (
+    ClusteringSettings,
+)
+from aiva_monai.networks import BottleneckTap, _unwrap, encode
+
+__all__ = ["NetworkPass", "SiteContext", "iterate_features", "distributed_context", "EvalMode", "features_shape"]
+
+
+SiteContext = Callable[[str], contextlib.AbstractContextManager]
+
+
+@dataclass(frozen=True)
+class NetworkPass:
+    """How a pass over the slices runs the network (what the round computes is ``ClusteringSettings``).
+
+    Attributes:
+        device: where the network and the batches are.
+        num_workers: data-loader workers.
+        image_key, index_key: keys of the image and of the dataset index in a sample.
+        amp, amp_kwargs: autocast of the pass (``settings.precision == "auto"``), as the trainer's.
+        site_context: ``site_context("source")`` / ``site_context("target")`` is entered around each site's
+            pass, inside eval mode and ``no_grad`` (e.g. per-site BatchNorm statistics); None: the network
+            as it is.
+    """
+
+    device: str | torch.device = "cpu"
+    num_workers: int = 0
+    image_key: str = "image"
+    index_key: str = "index"
+    amp: bool = False
+    amp_kwargs: dict | None = None
+    site_context: SiteContext | None = None
+
+    def site_scope(self, site: str) -> contextlib.AbstractContextManager:
+        return self.site_context(site) if self.site_context is not None else contextlib.nullcontext()
+
+
+def distributed_context() -> tuple[int, int]:
+    """(rank, world_size) of the initialised default torch.distributed group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _batch_shard(n: int, batch_size: int, rank: int, world_size: int) -> list[list[int]]:
+    # whole batches, round-robin: rank r runs batches r, r + W, ... of the single-process order, so every
+    # batch (and its features) is exactly the one a single process computes
+    batches = [list(range(begin, min(begin + batch_size, n))) for begin in range(0, n, batch_size)]
+    return batches[rank::world_size]
+
+
+def _autocast(device, precision: str, amp: bool, amp_kwargs):
+    device_type = torch.device(device).type
+    if precision == "auto":
+        return torch.autocast(device_type, enabled=bool(amp), **(amp_kwargs or {}))
+    if precision == "float32":
+        return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, dtype=getattr(torch, precision))
+
+
+def iterate_features(
+    network,
+    tap: BottleneckTap | None,
+    dataset,
+    network_pass: NetworkPass,
+    settings: ClusteringSettings,
+    *,
+    site: str = "slices",
+    rank: int = 0,
+    world_size: int = 1,
+    on_batch: Callable[[int], None] | None = None,
+):
+    """Yield (bottleneck features (B, ...), position of the batch's first sample) over ``dataset`` in order.
+
+    The caller sets eval mode and disables gradients. Batches of ``settings.batch_size``, in
+    ``settings.precision``. With ``settings.encoder_only`` only the encoder runs
+    (``networks.encode`` up to ``tap.module_name``); otherwise the full network runs and ``tap`` records
+    the bottleneck. Samples carrying ``index_key`` must carry their own position (checked), so cluster
+    ids can later be looked up by that index. With ``world_size`` > 1 only the batches ``rank``,
+    ``rank + world_size``, ... are run (the same batches as in one process). ``on_batch(B)`` is called
+    after every batch.
+    """
+    batch_size, num_workers = settings.batch_size, network_pass.num_workers
+    image_key, index_key, device = network_pass.image_key, network_pass.index_key, network_pass.device
+    if world_size > 1:
+        shard = _batch_shard(len(dataset), batch_size, rank, world_size)
+        loader = DataLoader(dataset, batch_sampler=shard, num_workers=num_workers)
+        starts = [indices[0] for indices in shard]
+    else:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        starts = None
+    module_name = tap.module_name if tap is not None else None
+    position = 0
+    for number, batch in enumerate(loader):
+        if starts is not None:
+            position = starts[number]
+        images = torch.as_tensor(batch[image_key]).to(device, non_blocking=True)
+        if index_key in batch:
+            index = torch.as_tensor(batch[index_key]).cpu()
+            if not torch.equal(index, torch.arange(position, position + len(index))):
+                raise ValueError(
+                    f"the {site} dataset's '{index_key}' values must equal each sample's position; "
+                    f"got {index[:5].tolist()}... at position {position}."
+                )
+        with _autocast(device, settings.precision, network_pass.amp, network_pass.amp_kwargs):
+            if settings.encoder_only:
+                features = encode(network, images, module_name, channels_last=settings.channels_last)
+            else:
+                network(images)
+                features = tap.features
+        if not bool(torch.isfinite(features).all()):
+            raise ValueError(
+                f"non-finite bottleneck features for {site} slices {position}..{position + len(images) - 1}."
+            )
+        yield features, position
+        if on_batch is not None:
+            on_batch(len(images))
+        position += len(images)
+
+
+class EvalMode:
+    """The plain network in eval mode, without gradients; restores its mode and clears the tap on exit."""
+
+    def __init__(self, network, tap) -> None:
+        self.network, self.tap = _unwrap(network), tap
+
+    def __enter__(self):
+        self.was_training = self.network.training
+        self.network.eval()
+        self.no_grad = torch.no_grad()
+        self.no_grad.__enter__()
+        return self.network
+
+    def __exit__(self, *exc) -> None:
+        self.no_grad.__exit__(*exc)
+        self.network.train(self.was_training)
+        if self.tap is not None:
+            self.tap.features = None
+
+
+def broadcast_buffers(network) -> None:
+    import torch.distributed as dist
+
+    for buffer in network.buffers():
+        dist.broadcast(buffer, src=0)
+
+
+def all_gather_rows(rows, world_size: int) -> list:
+    import torch.distributed as dist
+
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, rows)
+    return [row for part in gathered for row in part]
+
+
+def features_shape(network, tap, dataset, network_pass: NetworkPass, settings):
+    image = torch.as_tensor(dataset[0][network_pass.image_key])[None].to(network_pass.device)
+    features = (
+        encode(network, image, tap.module_name if tap is not None else None)
+        if settings.encoder_only or tap is None
+        else (network(image), tap.features)[1]
+    )
+    if tap is not None:
+        tap.features = None
+    return tuple(features.shape[1:])

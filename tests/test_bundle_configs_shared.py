@@ -1,0 +1,132 @@
+"""The two bundles share most of their configs. Everything they share must stay identical: a change to one
+bundle's shared part fails here until the other bundle has it too. The differences each file may have are
+listed (the bundle-specific keys: data geometry, network input, the source site, the demo's run lists)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+CONFIGS = Path(__file__).resolve().parents[1] / "bundles"
+BUNDLES = ("aiva_brain", "aiva_prostate")
+
+# file -> the "#"-paths (MONAI config ids) allowed to differ or to exist in one bundle only
+ALLOWED = {
+    "train.json": {
+        "_desc_",
+        "bundle_root",
+        "context_slices",
+        "datalist_file",
+        "in_plane_size",
+        "initialize",
+        "max_steps",
+        "network_def#in_channels",
+        "output_dir",
+        "pixdim",
+        "run#1",
+        "run#3",
+        "slice_axis",
+        "source",
+        "source_checkpoint",
+        "train#handlers#1#group_key",
+        "train#preprocessing#context_slices",
+        "train#preprocessing#intensity",
+        "train#preprocessing#merge_labels",
+        "validate#preprocessing#context_slices",
+        "validate#preprocessing#intensity",
+        "validate#preprocessing#merge_labels",
+        "work_dir",
+    },
+    "evaluate.json": {
+        "_desc_",
+        "evaluation#largest_component",
+        "evaluation#notes",
+        "largest_component",
+        "tolerances_mm",
+    },
+    "pretrain.json": {
+        "_desc_",
+        "bundle_root",
+        "context_slices",
+        "datalist_file",
+        "in_plane_size",
+        "max_steps",
+        "network_def#in_channels",
+        "output_dir",
+        "pixdim",
+        "slice_axis",
+        "source",
+        "target",
+        "target_site",
+        "train#preprocessing#context_slices",
+        "train#preprocessing#intensity",
+        "train#preprocessing#merge_labels",
+        "validate#preprocessing#context_slices",
+        "validate#preprocessing#intensity",
+        "validate#preprocessing#merge_labels",
+        "work_dir",
+    },
+    "inference.json": {
+        "_desc_",
+        "bundle_root",
+        "context_slices",
+        "dicom_seg#property_type",
+        "in_plane_size#0",
+        "in_plane_size#1",
+        "mask_suffix",
+        "network_def#in_channels",
+        "organ",
+        "pixdim#0",
+        "pixdim#1",
+        "pixdim#2",
+        "preprocessing#transforms#1#context_slices",
+        "preprocessing#transforms#1#intensity",
+        "slice_axis",
+        "volume_range_ml#0",
+        "volume_range_ml#1",
+    },
+    "multi_gpu_train.json": {"datalist_file", "initialize", "run#1", "run#5"},
+    "sgd_nesterov.json": set(),
+    "methods/adabn.json": {"initialize", "run#1"},
+    "methods/adaptsegnet.json": {"run#1", "run#3"},
+    "methods/aiva+adabn.json": set(),
+    "methods/aiva_v1.json": set(),
+    "methods/oracle.json": {"_desc_", "run#1", "selection_rule"},
+    "methods/segjdot.json": {"run#1", "run#3"},
+    "methods/source.json": {"initialize", "run#1"},
+}
+
+
+def differences(a, b, path=()):
+    """The "#"-paths where two parsed JSON trees differ (a key in one only counts as a difference)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if key not in a or key not in b:
+                yield "#".join((*path, key))
+            else:
+                yield from differences(a[key], b[key], (*path, key))
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for index, (x, y) in enumerate(zip(a, b)):
+            yield from differences(x, y, (*path, str(index)))
+    elif a != b:
+        yield "#".join(path)
+
+
+def test_differences_finds_what_differs():
+    assert list(differences({"a": 1, "b": [1, {"c": 2}]}, {"a": 1, "b": [1, {"c": 3}], "d": 0})) == ["b#1#c", "d"]
+
+
+def test_every_shared_config_file_is_listed():
+    files = [
+        {str(p.relative_to(CONFIGS / b / "configs")) for p in (CONFIGS / b / "configs").rglob("*.json")}
+        for b in BUNDLES
+    ]
+    shared = {f for f in files[0] & files[1] if not f.startswith("datalist") and f != "metadata.json"}
+    assert shared == set(ALLOWED), f"list the shared config files here: {sorted(shared ^ set(ALLOWED))}"
+
+
+@pytest.mark.parametrize("name", sorted(ALLOWED))
+def test_shared_parts_are_identical(name):
+    brain, prostate = (json.loads((CONFIGS / b / "configs" / name).read_text(encoding="utf-8")) for b in BUNDLES)
+    unexpected = sorted(set(differences(brain, prostate)) - ALLOWED[name])
+    assert not unexpected, f"{name}: the bundles differ at {unexpected}; change both (or list a bundle-specific key)"
