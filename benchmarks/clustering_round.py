@@ -403,6 +403,12 @@ def main() -> None:
     parser.add_argument("--speed-repeats", type=int, default=3)
     parser.add_argument("--skip-today", action="store_true", help="only the new round (no comparison)")
     parser.add_argument(
+        "--compare-precision",
+        default=None,
+        choices=["bfloat16", "float16", "float32"],
+        help="also run the new round in this autocast precision and compare it with the new round",
+    )
+    parser.add_argument(
         "--warm-steps", type=int, default=50, help="AIVA steps before the warm-start comparison (0: skip)"
     )
     parser.add_argument(
@@ -457,6 +463,20 @@ def main() -> None:
     report["rounds"] = {
         name: {**{k: float(v) for k, v in r.timings.items()}, **info} for name, (r, info) in rounds.items()
     }
+    if args.compare_precision:
+        name = f"new, {args.compare_precision}"
+        rounds[name] = one_round(
+            name,
+            network,
+            source,
+            target,
+            new.replace(precision=args.compare_precision),
+            args.device,
+            silences,
+            args.amp,
+        )
+        report["rounds"][name] = {**{k: float(v) for k, v in rounds[name][0].timings.items()}, **rounds[name][1]}
+        report["precision_agreement"] = agreement(rounds[name][0], rounds["new"][0])
     if "today" in rounds:
         report["agreement"] = agreement(rounds["new"][0], rounds["today"][0])
     report["planted"] = planted(today, new)
@@ -497,6 +517,14 @@ def main() -> None:
         print(
             f"\nnew vs today: {report['rounds']['today']['wall'] / report['rounds']['new']['wall']:.1f} x "
             "faster end to end; "
+            f"ARI target clusters {a['ari_target']:.3f}, source clusters {a['ari_source']:.3f}; "
+            f"matched pairs that correspond: {a['matches_agreeing']}/12"
+        )
+    if args.compare_precision:
+        a, name = report["precision_agreement"], f"new, {args.compare_precision}"
+        ratio = report["rounds"]["new"]["wall"] / report["rounds"][name]["wall"]
+        print(
+            f"\n{name} vs new (float32): {ratio:.1f} x faster end to end; "
             f"ARI target clusters {a['ari_target']:.3f}, source clusters {a['ari_source']:.3f}; "
             f"matched pairs that correspond: {a['matches_agreeing']}/12"
         )
