@@ -53,8 +53,6 @@ __all__ = [
     "cluster_embedded",
     "compute_source_means",
     "EmbeddedSites",
-    "iterate_features",
-    "distributed_context",
 ]
 
 logger = logging.getLogger(__name__)

@@ -20,10 +20,11 @@ from monai.engines import SupervisedEvaluator
 from monai.handlers import MeanDice, from_engine
 from monai.transforms import Activationsd, AsDiscreted, Compose, KeepLargestConnectedComponentd
 
-from aiva_monai.embedding import NetworkPass, embed_and_cluster
+from aiva_monai.embedding import embed_and_cluster
 from aiva_monai.handlers import SurfaceDiceHandler
 from aiva_monai.io import write_text_atomic
 from aiva_monai.metrics import voxel_spacing
+from aiva_monai.network_pass import NetworkPass
 from aiva_monai.networks import BottleneckTap
 from aiva_monai.visualize import plot_clusterings
 

@@ -151,7 +151,8 @@ def sync(device):
 
 
 def one_round(name, network, source, target, settings, device, silences, amp):
-    from aiva_monai.embedding import NetworkPass, embed_and_cluster
+    from aiva_monai.embedding import embed_and_cluster
+    from aiva_monai.network_pass import NetworkPass
     from aiva_monai.networks import BottleneckTap
 
     print(f"\n-- round: {name} --", flush=True)
@@ -260,9 +261,10 @@ def planted(settings_today, settings_new, seed: int = 0) -> list[dict]:
     return rows
 
 
-def move_network(network, source, target, result, steps: int, device):
-    """``steps`` AIVA steps (batch 8 + 8, Adam 1e-4, the bundle's defaults) with ``result``'s clusters."""
+def aiva_trainer(network, source, target, result, epoch_length: int, optimizer, calibration: int, device):
+    """An ``AIVATrainer`` (batch 8 + 8, seeded order) that trains with ``result``'s clusters and source means."""
     import torch
+    from ignite.engine import Events
     from monai.data import DataLoader
 
     from aiva_monai.data import SeededEndlessSampler
@@ -272,20 +274,28 @@ def move_network(network, source, target, result, steps: int, device):
     trainer = AIVATrainer(
         device=device,
         max_epochs=1,
-        epoch_length=steps,
+        epoch_length=epoch_length,
         network=network,
         train_data_loader=DataLoader(source, batch_size=8, sampler=SeededEndlessSampler(source, seed=0)),
-        target_data_loader=DataLoader(target, batch_size=8, sampler=SeededEndlessSampler(target, seed=0)),
-        optimizer=torch.optim.Adam(network.parameters(), 1e-4),
-        loss_function=AIVALoss(calibration_iterations=10),
+        target_data_loader=DataLoader(target, batch_size=8, sampler=SeededEndlessSampler(target, seed=1)),
+        optimizer=optimizer,
+        loss_function=AIVALoss(calibration_iterations=calibration),
         decollate=False,
     )
-    from ignite.engine import Events
-
     assignment = ClusterAssignment(
         torch.as_tensor(result.target_labels), result.source_means.to(device), torch.as_tensor(result.match), 1
     )
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: setattr(e.state, "aiva_assignment", assignment))
+    return trainer
+
+
+def move_network(network, source, target, result, steps: int, device):
+    """``steps`` AIVA steps (batch 8 + 8, Adam 1e-4, the bundle's defaults) with ``result``'s clusters."""
+    import torch
+
+    trainer = aiva_trainer(
+        network, source, target, result, steps, torch.optim.Adam(network.parameters(), 1e-4), 10, device
+    )
     start = time.perf_counter()
     trainer.run()
     trainer.bottleneck_tap.remove()
@@ -302,48 +312,29 @@ def step_rates(network, source, target, result, steps: int, warmup: int, device,
     from monai.bundle import ConfigParser
     from monai.data import DataLoader
     from monai.engines import SupervisedTrainer
-    from monai.losses import DiceCELoss
 
     from aiva_monai.data import SeededEndlessSampler
-    from aiva_monai.engines import AIVATrainer, ClusterAssignment
-    from aiva_monai.losses import AIVALoss
+    from aiva_monai.engines import default_seg_loss
     from aiva_monai.optim import trainable_parameters
 
-    frozen = ConfigParser.load_config_file(REPOSITORY / "bundles" / "aiva_brain" / "configs" / "train.json")[
-        "frozen_modules"
-    ]
-    loader = lambda data, seed: DataLoader(data, batch_size=8, sampler=SeededEndlessSampler(data, seed=seed))  # noqa: E731
-    assignment = ClusterAssignment(
-        torch.as_tensor(result.target_labels), result.source_means.to(device), torch.as_tensor(result.match), 1
-    )
+    train_config = REPOSITORY / "bundles" / "aiva_brain" / "configs" / "train.json"
+    frozen = ConfigParser.load_config_file(train_config)["frozen_modules"]
 
     def build(kind):
         net = copy.deepcopy(network).to(device)
         optimizer = torch.optim.Adam(trainable_parameters(net, frozen), 1e-4)
-        if kind == "plain":
-            return SupervisedTrainer(
-                device=device,
-                max_epochs=1,
-                epoch_length=warmup + steps,
-                train_data_loader=loader(source, 0),
-                network=net,
-                optimizer=optimizer,
-                decollate=False,
-                loss_function=DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.0, lambda_ce=1.0),
-            )
-        trainer = AIVATrainer(
+        if kind == "aiva":
+            return aiva_trainer(net, source, target, result, warmup + steps, optimizer, warmup, device)
+        return SupervisedTrainer(
             device=device,
             max_epochs=1,
             epoch_length=warmup + steps,
+            train_data_loader=DataLoader(source, batch_size=8, sampler=SeededEndlessSampler(source, seed=0)),
             network=net,
             optimizer=optimizer,
-            train_data_loader=loader(source, 0),
-            target_data_loader=loader(target, 1),
-            loss_function=AIVALoss(calibration_iterations=warmup),
             decollate=False,
+            loss_function=default_seg_loss(),
         )
-        trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: setattr(e.state, "aiva_assignment", assignment))
-        return trainer
 
     seconds = {"plain": [], "aiva": []}
     for _ in range(repeats):
@@ -362,7 +353,8 @@ def step_rates(network, source, target, result, steps: int, warmup: int, device,
 
 
 def warm_start(network, source, target, first, settings, device) -> list[dict]:
-    from aiva_monai.embedding import NetworkPass, cluster_embedded, embed_sites
+    from aiva_monai.embedding import cluster_embedded, embed_sites
+    from aiva_monai.network_pass import NetworkPass
     from aiva_monai.networks import BottleneckTap
 
     with BottleneckTap(network) as tap:

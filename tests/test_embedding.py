@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from aiva_monai.clustering import ClusteringSettings
-from aiva_monai.embedding import NetworkPass, embed_and_cluster
+from aiva_monai.embedding import embed_and_cluster
+from aiva_monai.network_pass import NetworkPass
 from aiva_monai.networks import BottleneckTap, PreActResUNet
 from tests.helpers import synthetic_site
 

@@ -13,10 +13,11 @@ import torch
 from ignite.engine import Engine, Events
 
 from aiva_monai.clustering import ClusteringSettings, SiteClustering, cluster_sketches, slice_positions
-from aiva_monai.embedding import NetworkPass, compute_source_means, distributed_context, embed_and_cluster, embed_sites
+from aiva_monai.embedding import compute_source_means, embed_and_cluster, embed_sites
 from aiva_monai.engines import ClusterAssignment
 from aiva_monai.handlers.site_counts import per_group_cluster_counts, source_slice_groups
 from aiva_monai.io import write_csv_atomic
+from aiva_monai.network_pass import NetworkPass, distributed_context
 from aiva_monai.progress import RoundProgress
 
 _ARRAY_FIELDS = ("source_labels", "target_labels", "embedding", "source_centers", "target_centers", "match")
