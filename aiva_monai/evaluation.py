@@ -34,6 +34,7 @@ __all__ = [
     "evaluate_volumes",
     "summarize",
     "ClusterFigure",
+    "VolumeScoring",
     "run_evaluation",
 ]
 
@@ -203,6 +204,19 @@ class ClusterFigure:
         return self.models is None or model_name in self.models
 
 
+@dataclass(frozen=True)
+class VolumeScoring:
+    """How each volume is scored (the options of ``evaluate_volumes``): surface-Dice tolerances in mm (empty:
+    Dice only), largest-connected-component post-processing, mixed-precision inference."""
+
+    tolerances_mm: tuple[float, ...] = (1.0,)
+    largest_component: bool = False
+    amp: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "tolerances_mm", tuple(float(t) for t in self.tolerances_mm))
+
+
 def run_evaluation(
     network,
     checkpoints: dict,
@@ -211,12 +225,10 @@ def run_evaluation(
     output_dir,
     *,
     device="cpu",
-    tolerances_mm=(1.0,),
+    scoring: VolumeScoring | dict | None = None,
     selection_rule: str = "",
     notes: str = "",
     clusters: ClusterFigure | dict | None = None,
-    amp: bool = False,
-    largest_component: bool = False,
 ) -> dict:
     """Evaluate every checkpoint on every volume set; write ``evaluation.csv``, ``summary.md`` and, when
     ``clusters`` is given, ``clusters.png`` (``ClusterFigure``).
@@ -227,7 +239,8 @@ def run_evaluation(
         datasets: {"target test": dataset, "source test": dataset} of preprocessed volumes.
         selection_rule: how the checkpoints were chosen, written next to every number.
         notes: extra lines for the summary (data set, synthetic or simulated, ...).
-        tolerances_mm, largest_component: see ``evaluate_volumes``.
+        scoring: how each volume is scored (a ``VolumeScoring`` or a dict of its fields; default: Dice and
+            surface Dice at 1 mm).
         clusters: the cluster figure (a ``ClusterFigure`` or a dict of its fields); None: no figure.
 
     Returns:
@@ -235,6 +248,8 @@ def run_evaluation(
     """
     output_dir = Path(output_dir)
     clusters = ClusterFigure(**clusters) if isinstance(clusters, dict) else clusters
+    scoring = VolumeScoring(**scoring) if isinstance(scoring, dict) else scoring or VolumeScoring()
+    tolerances_mm = scoring.tolerances_mm
     network = network.to(device)
     rows, clusterings = [], {}
     for model_name, checkpoint in checkpoints.items():
@@ -247,8 +262,8 @@ def run_evaluation(
                 inferer,
                 device=device,
                 tolerances_mm=tolerances_mm,
-                amp=amp,
-                largest_component=largest_component,
+                amp=scoring.amp,
+                largest_component=scoring.largest_component,
             ):
                 rows.append({"model": model_name, "set": set_name, **row})
         if clusters is not None and clusters.draws(model_name):
@@ -259,7 +274,7 @@ def run_evaluation(
                     *clusters.datasets,
                     clusters.n_clusters,
                     clusters.settings,
-                    NetworkPass(device=device, amp=amp),
+                    NetworkPass(device=device, amp=scoring.amp),
                     progress=False,
                     label=f"{model_name} model: ",
                 )
@@ -284,7 +299,7 @@ def run_evaluation(
                 else ""
             )
             + "Dice, foreground class, mean +/- std over volumes, in %; an empty prediction scores 0"
-            + ("; largest connected component kept" if largest_component else ""),
+            + ("; largest connected component kept" if scoring.largest_component else ""),
             f"- command: `{command}`",
             *([f"- {line}" for line in notes.splitlines() if line.strip()]),
             "",

@@ -18,7 +18,10 @@ Side by side in one process, on the same slices and the same network (the shippe
    both t-SNE schedules (and of a warm-started round on moved features);
 4. warm start on IXI features (``--warm-steps`` > 0): the network is moved by that many AIVA steps, then
    the new round's t-SNE from scratch vs warm-started from the first round's embedding, same sketches;
-5. training steps (``--rate-steps`` > 0): plain source fine-tuning (MONAI ``SupervisedTrainer``, batch 8) vs
+5. seed stability (``--stability-seeds N`` > 1): one encoder-only pass, then the clustering (t-SNE + k-means +
+   matching) of today's schedule and of the new one, each with seeds 0 .. N-1 on the same sketches: how well
+   today's round agrees with itself under another seed is the ceiling any new round can reach against it;
+6. training steps (``--rate-steps`` > 0): plain source fine-tuning (MONAI ``SupervisedTrainer``, batch 8) vs
    AIVA (``AIVATrainer``, batch 8 + 8, the first round's clusters), both with ``train.json``'s trainable
    parameters (``frozen_modules``) and Adam, alternated twice from the same weights, mean seconds per step after
    warm-up steps; then the clustering share of AIVA's wall time at the paper's schedule (a round every
@@ -379,6 +382,57 @@ def warm_start(network, source, target, first, settings, device) -> list[dict]:
     return rows
 
 
+def stability(network, source, target, schedules: dict, seeds: int, device) -> list[dict]:
+    """Agreement of each schedule's clustering with itself and with the other schedule across seeds, on one
+    pass's sketches (the embedding of the last schedule's settings, the encoder-only pass: its features equal
+    the full forward's): ARI and matches of every (schedule, seed) against (the first schedule, seed 0) and
+    against (the same schedule, seed 0)."""
+    from aiva_monai.embedding import cluster_embedded, embed_sites
+    from aiva_monai.network_pass import NetworkPass
+    from aiva_monai.networks import BottleneckTap
+
+    embedding_settings = list(schedules.values())[-1]
+    print("\n-- seed stability: one pass, then every schedule x seed --", flush=True)
+    with BottleneckTap(network) as tap:
+        embedded = embed_sites(network, tap, source, target, embedding_settings, NetworkPass(device=device))
+    results = {}
+    try:
+        for name, settings in schedules.items():
+            for seed in range(seeds):
+                start = time.perf_counter()
+                results[name, seed] = cluster_embedded(embedded, 12, settings.replace(seed=seed))
+                print(f"{name}, seed {seed}: clustered in {time.perf_counter() - start:.1f} s", flush=True)
+    finally:
+        embedded.close()
+    reference = next(iter(results))
+    rows = []
+    for (name, seed), result in results.items():
+        rows.append(
+            {
+                "schedule": name,
+                "seed": seed,
+                "vs_same_schedule_seed0": agreement(result, results[name, 0]),
+                "vs_first_schedule_seed0": agreement(result, results[reference]),
+            }
+        )
+    return rows
+
+
+def print_stability(rows: list[dict]) -> None:
+    print(
+        "\nseed stability (one pass; t-SNE + k-means + matching with each seed on the same sketches):\n\n"
+        "| schedule | seed | ARI target vs same schedule seed 0 | ARI source | matches | ARI target vs today "
+        "seed 0 | ARI source | matches |\n|---|---|---|---|---|---|---|---|"
+    )
+    for row in rows:
+        same, first = row["vs_same_schedule_seed0"], row["vs_first_schedule_seed0"]
+        print(
+            f"| {row['schedule']} | {row['seed']} | {same['ari_target']:.3f} | {same['ari_source']:.3f} | "
+            f"{same['matches_agreeing']}/12 | {first['ari_target']:.3f} | {first['ari_source']:.3f} | "
+            f"{first['matches_agreeing']}/12 |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -407,6 +461,10 @@ def main() -> None:
         "--rate-steps", type=int, default=20, help="timed training steps per loop for steps/s (0: skip)"
     )
     parser.add_argument("--rate-warmup", type=int, default=3, help="untimed steps before them")
+    parser.add_argument(
+        "--stability-seeds", type=int, default=0, help="seeds of the stability section (0: skip; >= 2 to run it)"
+    )
+    parser.add_argument("--only-stability", action="store_true", help="run the stability section alone")
     parser.add_argument("--json", default=None, help="write every number here")
     args = parser.parse_args()
 
@@ -446,6 +504,15 @@ def main() -> None:
         "n_target": len(target),
     }
 
+    if args.only_stability:
+        report["stability"] = stability(
+            network, source, target, {"today": today, "new": new}, max(2, args.stability_seeds), args.device
+        )
+        print(f"\n## IXI-HH, bundle geometry: {len(source)} + {len(target)} slices; {report['machine']}")
+        print_stability(report["stability"])
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+        return
     speed = embedding_speed(network, source, args.device, args.batch, args.speed_slices, args.speed_repeats)
     report["embedding_ms_per_slice"] = speed
 
@@ -472,6 +539,10 @@ def main() -> None:
     if "today" in rounds:
         report["agreement"] = agreement(rounds["new"][0], rounds["today"][0])
     report["planted"] = planted(today, new)
+    if args.stability_seeds > 1:
+        report["stability"] = stability(
+            network, source, target, {"today": today, "new": new}, args.stability_seeds, args.device
+        )
     if args.rate_steps:
         report["seconds_per_step"] = step_rates(
             network, source, target, rounds["new"][0], args.rate_steps, args.rate_warmup, args.device
@@ -529,6 +600,8 @@ def main() -> None:
             f"| {row['round']} | {row['seconds']:.1f} | {row['ari_source_vs_truth']:.3f} | "
             f"{row['ari_target_vs_truth']:.3f} | {row['identical_matches']} |"
         )
+    if args.stability_seeds > 1:
+        print_stability(report["stability"])
     if args.rate_steps:
         per_step = report["seconds_per_step"]
         print(

@@ -39,7 +39,7 @@ ALLOWED = {
     },
     "evaluate.json": {
         "_desc_",
-        "evaluation#largest_component",
+        "evaluation#scoring#largest_component",
         "evaluation#notes",
         "largest_component",
         "tolerances_mm",

@@ -76,7 +76,7 @@ def test_ixi_sim_grid_and_cli_listing(capsys):
     cells = grid("ixi-sim", steps=300)
     assert [c.method for c in cells] == list(METHOD_ORDER)
     assert {(c.sources, c.target) for c in cells} == {(("ixi_hh",), "ixi_hh_simulated_strong")}
-    assert (REPOSITORY / PRESETS["ixi-sim"].shipped_source_model).is_file()
+    assert (REPOSITORY / "bundles" / "aiva_brain" / PRESETS["ixi-sim"].shipped_source_model).is_file()
     assert main(["grid", "--preset", "prostate", "--methods", "aiva", "--k", "3", "6"]) == 0
     assert capsys.readouterr().out.strip().endswith("12 cells")
     with pytest.raises(ValueError, match="unknown methods"):
@@ -447,6 +447,23 @@ def test_bundle_cell_runner_builds_the_commands(tmp_path):
         "datalist"
     ].endswith("datalist_ixi_hh.json")
     assert "n_clusters" not in overrides
+
+
+def test_bundle_cell_runner_takes_the_bundles_from_any_folder(tmp_path):
+    """``--bundles DIR``: a copy of the bundles outside the checkout gives the configs, shipped model and datalist
+    of that copy (nothing from the repository); a folder without the bundle fails naming ``--bundles``."""
+    import shutil
+
+    copy = tmp_path / "elsewhere" / "my_bundles"
+    shutil.copytree(REPOSITORY / "bundles" / "aiva_brain", copy / "aiva_brain", ignore=shutil.ignore_patterns("*.pt"))
+    (copy / "aiva_brain" / "models" / "model.pt").write_bytes(b"")
+    runner = BundleCellRunner(PRESETS["ixi-sim"], tmp_path / "out", dataset_dir="/data", bundles=copy)
+    overrides = runner.train_overrides(grid("ixi-sim", methods=("source",), steps=10)[0], tmp_path / "run")
+    assert overrides["source_checkpoint"] == str(copy / "aiva_brain" / "models" / "model.pt")
+    assert overrides["datalist"] == str(copy / "aiva_brain" / "configs" / "datalist_ixi_hh.json")
+    assert all(str(p).startswith(str(copy)) for p in runner.method_configs("oracle"))
+    with pytest.raises(FileNotFoundError, match="--bundles"):
+        BundleCellRunner(PRESETS["prostate"], tmp_path / "out", bundles=copy)
 
 
 def test_per_seed_table_shows_every_seed_and_the_margin_over_adabn():

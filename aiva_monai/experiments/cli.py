@@ -7,11 +7,10 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from aiva_monai.bundle import REPOSITORY
 from aiva_monai.experiments.grid import DEFAULT_K, METHOD_ORDER, PRESETS, grid
 from aiva_monai.experiments.matrix import run_matrix
 from aiva_monai.experiments.report import write_report
-from aiva_monai.experiments.runner import BundleCellRunner
+from aiva_monai.experiments.runner import BundleCellRunner, default_bundles_dir
 from aiva_monai.experiments.store import RESULTS_NAME
 from aiva_monai.selection import SELECTION_RULES
 
@@ -99,6 +98,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument(
         "--set", nargs="+", default=[], metavar="KEY=VALUE", help="extra monai.bundle overrides (JSON values)"
     )
+    run.add_argument(
+        "--bundles",
+        default=None,
+        help="the folder holding the bundles (aiva_brain/, aiva_prostate/); default: the repository's bundles/ "
+        "when this package is a checkout, else ./bundles",
+    )
     run.add_argument("--stop-on-error", action="store_true")
     report = commands.add_parser("report", help="tables and figures from a results file")
     report.add_argument("results", help="the matrix folder or its results.jsonl")
@@ -120,8 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     preset = PRESETS[args.preset]
     output = Path(args.output)
     datalist = args.datalist
+    bundle_root = Path(args.bundles or default_bundles_dir()) / preset.bundle
     if args.subset:
-        base = datalist or (REPOSITORY / preset.shipped_datalist if preset.shipped_datalist else None)
+        base = datalist or (bundle_root / preset.shipped_datalist if preset.shipped_datalist else None)
         if base is None:
             raise SystemExit("--subset needs --datalist (or a preset with a shipped datalist).")
         datalist = str(subset_datalist(base, args.subset, output / "datalist_subset.json"))
@@ -144,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         source_checkpoint=args.source_checkpoint,
         overrides=overrides,
         selection=args.selection,
+        bundles=bundle_root.parent,
     )
     print(f"{len(cells)} cells ({preset.description}); results: {output / RESULTS_NAME}", flush=True)
     summary = run_matrix(cells, output, runner, keep_going=not args.stop_on_error)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from aiva_monai.bundle import REPOSITORY
 from aiva_monai.experiments.grid import DEFAULT_K, METHOD_ORDER
+from aiva_monai.experiments.runner import default_bundles_dir
 from aiva_monai.experiments.store import METRIC_TITLES, row_label, target_mean
 from aiva_monai.methods import METHODS, reads_target_labels
 
@@ -70,7 +70,10 @@ def qualitative_figure(records: list[dict], path: Path, n_slices: int = 3, volum
     methods = [m for m in METHOD_ORDER if m in chosen]
     config = first["config"]
     parser = ConfigParser()
-    parser.read_config([str(REPOSITORY / c) for c in config["config_files"] if "methods" not in Path(c).parts])
+    # config files are recorded relative to the folder above the bundles (``bundles/<name>/configs/...``)
+    parser.read_config(
+        [str(default_bundles_dir().parent / c) for c in config["config_files"] if "methods" not in Path(c).parts]
+    )
     parser.update(dict(config["overrides"]))
     datalist, base_dir, target = (parser.get_parsed_content(k) for k in ("datalist_file", "base_dir", "target"))
     from aiva_monai.bundle import entries

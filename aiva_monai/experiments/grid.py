@@ -78,7 +78,7 @@ class Preset:
     leave_one_site_out: bool = False
     default_steps: int = 6500
     pretrain_steps: int = 5000
-    shipped_source_model: str | None = None  # path relative to the repository
+    shipped_source_model: str | None = None  # paths relative to the bundle folder
     shipped_datalist: str | None = None
     tolerances_mm: tuple[float, ...] = (1.0,)
     description: str = ""
@@ -124,8 +124,8 @@ PRESETS: dict[str, Preset] = {
         metric="surface_dice_1mm",
         metrics=("surface_dice_1mm", "surface_dice_2mm", "dice"),
         default_steps=1000,
-        shipped_source_model="bundles/aiva_brain/models/model.pt",
-        shipped_datalist="bundles/aiva_brain/configs/datalist_ixi_hh.json",
+        shipped_source_model="models/model.pt",
+        shipped_datalist="configs/datalist_ixi_hh.json",
         tolerances_mm=(1.0, 2.0),
         description="real IXI-HH (2 mm) -> a SIMULATED target site made from disjoint IXI-HH subjects",
     ),

@@ -19,11 +19,24 @@ from aiva_monai.bundle import REPOSITORY
 from aiva_monai.experiments.grid import AIVA_METHODS, Cell, Preset
 from aiva_monai.methods import reads_target_labels
 
-BUNDLES = REPOSITORY / "bundles"
+
+def default_bundles_dir() -> Path:
+    """The folder holding the bundles (``aiva_brain/``, ``aiva_prostate/``): the repository's ``bundles/`` for a
+    checkout or an editable install, else ``./bundles`` (a wheel install run beside a copy of the bundles)."""
+    beside = REPOSITORY / "bundles"
+    return beside if (beside / "aiva_brain" / "configs").is_dir() else Path.cwd() / "bundles"
 
 
 def git_commit(folder: Path = REPOSITORY) -> str:
-    """``git rev-parse HEAD`` of the repository, with ``+dirty`` when tracked files differ from it."""
+    """``git rev-parse HEAD`` of the repository, with ``+dirty`` when tracked files differ from it; for an
+    installed package (no checkout) ``aiva-monai <version>``."""
+    if not (folder / ".git").exists():
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"aiva-monai {version('aiva-monai')}"
+        except PackageNotFoundError:
+            return "unknown"
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True
@@ -63,9 +76,11 @@ def _cli_value(value) -> str:
     return value if isinstance(value, str) else repr(value)
 
 
-def run_bundle(config_files: Sequence[str | Path], overrides: dict, log_file: Path, env: dict | None = None) -> None:
-    """``python -m monai.bundle run`` in a subprocess, output appended to ``log_file``; RuntimeError with the
-    log's tail on failure."""
+def run_bundle(
+    config_files: Sequence[str | Path], overrides: dict, log_file: Path, env: dict | None = None, cwd=None
+) -> None:
+    """``python -m monai.bundle run`` in a subprocess (in folder ``cwd``, default this process's), output appended
+    to ``log_file``; RuntimeError with the log's tail on failure. The bundle is found from its config files."""
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps([str(c) for c in config_files])]
     for key, value in overrides.items():
         command += [f"--{key}", _cli_value(value)]
@@ -77,7 +92,7 @@ def run_bundle(config_files: Sequence[str | Path], overrides: dict, log_file: Pa
             command,
             stdout=log,
             stderr=subprocess.STDOUT,
-            cwd=REPOSITORY,
+            cwd=cwd,
             preexec_fn=_die_with_parent if os.name == "posix" else None,
             env=env,
         )
@@ -101,6 +116,8 @@ class BundleCellRunner:
             pretrained per source by the runner).
         overrides: extra ``monai.bundle`` overrides for every training and evaluation run.
         cluster_figure: methods whose evaluation draws the before/after cluster figure (default: aiva).
+        selection: the label-free selection rule of every adaptation run (default: the bundle's).
+        bundles: the folder holding the bundles (default ``default_bundles_dir()``).
     """
 
     preset: Preset
@@ -114,10 +131,23 @@ class BundleCellRunner:
     overrides: dict = field(default_factory=dict)
     cluster_figure: tuple[str, ...] = ("aiva",)
     selection: str | None = None
+    bundles: Path = field(default_factory=default_bundles_dir)
+
+    def __post_init__(self):
+        self.bundles = Path(self.bundles).resolve()
+        if not (self.bundle_root / "configs" / "metadata.json").is_file():
+            raise FileNotFoundError(
+                f"bundle '{self.preset.bundle}' not found in {self.bundles}: pass the folder that holds the bundles "
+                "(--bundles DIR)."
+            )
+
+    @property
+    def bundle_root(self) -> Path:
+        return self.bundles / self.preset.bundle
 
     @property
     def configs(self) -> Path:
-        return BUNDLES / self.preset.bundle / "configs"
+        return self.bundle_root / "configs"
 
     def method_configs(self, method: str) -> list[Path]:
         extra = [self.configs / name for name in self.preset.extra_configs]
@@ -129,7 +159,7 @@ class BundleCellRunner:
         if self.dataset_dir:
             found["dataset_dir"] = str(self.dataset_dir)
         datalist = self.datalist or (
-            str(REPOSITORY / self.preset.shipped_datalist) if self.preset.shipped_datalist else None
+            str(self.bundle_root / self.preset.shipped_datalist) if self.preset.shipped_datalist else None
         )
         if datalist:
             found["datalist"] = str(datalist)
@@ -149,7 +179,7 @@ class BundleCellRunner:
         if self.source_checkpoint:
             return str(self.source_checkpoint)
         if self.preset.shipped_source_model:
-            return str(REPOSITORY / self.preset.shipped_source_model)
+            return str(self.bundle_root / self.preset.shipped_source_model)
         name = (
             f"pretrain_target_{cell.target}" if self.preset.leave_one_site_out else f"pretrain_{'+'.join(cell.sources)}"
         )
@@ -172,7 +202,7 @@ class BundleCellRunner:
                 f"    pretraining the source model for {'+'.join(cell.sources)} ({steps} steps) into {folder}",
                 flush=True,
             )
-            run_bundle(pretrain_configs, overrides, folder / "pretrain.log")
+            run_bundle(pretrain_configs, overrides, folder / "pretrain.log", cwd=self.bundles.parent)
             from aiva_monai.io import write_json_atomic
 
             write_json_atomic(done, {"steps": steps, "sources": list(cell.sources), "commit": git_commit()})
@@ -201,7 +231,7 @@ class BundleCellRunner:
         configs = self.method_configs(cell.method)
         overrides = self.train_overrides(cell, run_dir)
         progress("training" if cell.method not in ("source", "adabn") else "preparing the model")
-        run_bundle(configs, overrides, run_dir / "train.log")
+        run_bundle(configs, overrides, run_dir / "train.log", cwd=self.bundles.parent)
         card = (
             json.loads((run_dir / "method.json").read_text())
             if (run_dir / "method.json").is_file()
@@ -243,7 +273,9 @@ class BundleCellRunner:
                 " + '\\nsource: ' + str(@source) + ', target: ' + @target"
             ),
         }
-        run_bundle([*configs, self.configs / "evaluate.json"], evaluation, run_dir / "evaluate.log")
+        run_bundle(
+            [*configs, self.configs / "evaluate.json"], evaluation, run_dir / "evaluate.log", cwd=self.bundles.parent
+        )
         rows = list(csv.DictReader(io.StringIO((run_dir / "evaluation" / "evaluation.csv").read_text())))
 
         def volumes_of(name):
@@ -263,7 +295,7 @@ class BundleCellRunner:
             "volumes": volumes_of(main_name),
             "config": {
                 "bundle": self.preset.bundle,
-                "config_files": [str(Path(c).relative_to(REPOSITORY)) for c in configs],
+                "config_files": [str(Path(c).relative_to(self.bundles.parent)) for c in configs],
                 "overrides": {k: v for k, v in overrides.items()},
             },
             "figures": {"clusters": str(run_dir / "evaluation" / "clusters.png")}
