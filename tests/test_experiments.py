@@ -449,7 +449,7 @@ def test_bundle_cell_runner_builds_the_commands(tmp_path):
     assert "n_clusters" not in overrides
 
 
-def test_bundle_cell_runner_takes_the_bundles_from_any_folder(tmp_path):
+def test_bundle_cell_runner_takes_the_bundles_from_any_folder(tmp_path, monkeypatch):
     """``--bundles DIR``: a copy of the bundles outside the checkout gives the configs, shipped model and datalist
     of that copy (nothing from the repository); a folder without the bundle fails naming ``--bundles``."""
     import shutil
@@ -464,6 +464,12 @@ def test_bundle_cell_runner_takes_the_bundles_from_any_folder(tmp_path):
     assert all(str(p).startswith(str(copy)) for p in runner.method_configs("oracle"))
     with pytest.raises(FileNotFoundError, match="--bundles"):
         BundleCellRunner(PRESETS["prostate"], tmp_path / "out", bundles=copy)
+    # relative paths are made absolute: the bundle subprocesses run in the bundles' parent folder
+    monkeypatch.chdir(tmp_path)
+    relative = BundleCellRunner(PRESETS["ixi-sim"], Path("out"), dataset_dir="data", datalist="d.json", bundles=copy)
+    overrides = relative.train_overrides(grid("ixi-sim", methods=("source",), steps=10)[0], relative.output / "run")
+    assert relative.output == tmp_path / "out"
+    assert overrides["dataset_dir"] == str(tmp_path / "data") and overrides["datalist"] == str(tmp_path / "d.json")
 
 
 def test_per_seed_table_shows_every_seed_and_the_margin_over_adabn():

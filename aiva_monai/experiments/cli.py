@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{len(cells)} cells")
         return 0
     preset = PRESETS[args.preset]
-    output = Path(args.output)
+    output = Path(args.output).resolve()
     datalist = args.datalist
     bundle_root = Path(args.bundles or default_bundles_dir()) / preset.bundle
     if args.subset:

@@ -134,7 +134,12 @@ class BundleCellRunner:
     bundles: Path = field(default_factory=default_bundles_dir)
 
     def __post_init__(self):
+        # the bundle subprocesses run in another folder: every path they get is absolute
         self.bundles = Path(self.bundles).resolve()
+        self.output = Path(self.output).resolve()
+        for name in ("dataset_dir", "datalist", "source_checkpoint"):
+            if getattr(self, name):
+                setattr(self, name, str(Path(getattr(self, name)).expanduser().resolve()))
         if not (self.bundle_root / "configs" / "metadata.json").is_file():
             raise FileNotFoundError(
                 f"bundle '{self.preset.bundle}' not found in {self.bundles}: pass the folder that holds the bundles "
