@@ -70,10 +70,11 @@ def qualitative_figure(records: list[dict], path: Path, n_slices: int = 3, volum
     methods = [m for m in METHOD_ORDER if m in chosen]
     config = first["config"]
     parser = ConfigParser()
-    # config files are recorded relative to the folder above the bundles (``bundles/<name>/configs/...``)
-    parser.read_config(
-        [str(default_bundles_dir().parent / c) for c in config["config_files"] if "methods" not in Path(c).parts]
-    )
+    # config files are recorded relative to the folder above the bundles (``bundles/<name>/configs/...``): the
+    # run's own bundles folder when it still exists, else this installation's
+    recorded = Path(config["bundles"]) if config.get("bundles") else None
+    above = recorded.parent if recorded is not None and recorded.is_dir() else default_bundles_dir().parent
+    parser.read_config([str(above / c) for c in config["config_files"] if "methods" not in Path(c).parts])
     parser.update(dict(config["overrides"]))
     datalist, base_dir, target = (parser.get_parsed_content(k) for k in ("datalist_file", "base_dir", "target"))
     from aiva_monai.bundle import entries

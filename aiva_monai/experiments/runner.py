@@ -301,6 +301,7 @@ class BundleCellRunner:
             "config": {
                 "bundle": self.preset.bundle,
                 "config_files": [str(Path(c).relative_to(self.bundles.parent)) for c in configs],
+                "bundles": str(self.bundles),
                 "overrides": {k: v for k, v in overrides.items()},
             },
             "figures": {"clusters": str(run_dir / "evaluation" / "clusters.png")}
