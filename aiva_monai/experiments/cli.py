@@ -10,7 +10,7 @@ from pathlib import Path
 from aiva_monai.experiments.grid import DEFAULT_K, METHOD_ORDER, PRESETS, grid
 from aiva_monai.experiments.matrix import run_matrix
 from aiva_monai.experiments.report import write_report
-from aiva_monai.experiments.runner import BundleCellRunner, default_bundles_dir
+from aiva_monai.experiments.runner import BundleCellRunner
 from aiva_monai.experiments.store import RESULTS_NAME
 from aiva_monai.selection import SELECTION_RULES
 
@@ -123,14 +123,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{len(cells)} cells")
         return 0
     preset = PRESETS[args.preset]
-    output = Path(args.output).resolve()
-    datalist = args.datalist
-    bundle_root = Path(args.bundles or default_bundles_dir()) / preset.bundle
-    if args.subset:
-        base = datalist or (bundle_root / preset.shipped_datalist if preset.shipped_datalist else None)
-        if base is None:
-            raise SystemExit("--subset needs --datalist (or a preset with a shipped datalist).")
-        datalist = str(subset_datalist(base, args.subset, output / "datalist_subset.json"))
     if preset.shipped_datalist and not args.dataset_dir:
         raise SystemExit(
             f"--preset {args.preset} needs --dataset_dir (the data the datalist's relative paths point into)."
@@ -141,17 +133,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides[key] = _parse_value(value)
     runner = BundleCellRunner(
         preset,
-        output,
+        Path(args.output),
         dataset_dir=args.dataset_dir,
-        datalist=datalist,
+        datalist=args.datalist,
         epoch_length=args.epoch_length,
         cluster_every=args.cluster_every,
         pretrain_steps=args.pretrain_steps,
         source_checkpoint=args.source_checkpoint,
         overrides=overrides,
         selection=args.selection,
-        bundles=bundle_root.parent,
+        **({"bundles": args.bundles} if args.bundles else {}),
     )
+    output = runner.output  # absolute
+    if args.subset:
+        base = runner.data_overrides().get("datalist")  # --datalist, else the preset's shipped one
+        if base is None:
+            raise SystemExit("--subset needs --datalist (or a preset with a shipped datalist).")
+        runner.datalist = str(subset_datalist(base, args.subset, output / "datalist_subset.json"))
     print(f"{len(cells)} cells ({preset.description}); results: {output / RESULTS_NAME}", flush=True)
     summary = run_matrix(cells, output, runner, keep_going=not args.stop_on_error)
     print(

@@ -146,6 +146,9 @@ class BundleCellRunner:
                 "(--bundles DIR)."
             )
 
+    def _run_bundle(self, config_files, overrides: dict, log_file: Path) -> None:
+        run_bundle(config_files, overrides, log_file, cwd=self.bundles.parent)
+
     @property
     def bundle_root(self) -> Path:
         return self.bundles / self.preset.bundle
@@ -207,7 +210,7 @@ class BundleCellRunner:
                 f"    pretraining the source model for {'+'.join(cell.sources)} ({steps} steps) into {folder}",
                 flush=True,
             )
-            run_bundle(pretrain_configs, overrides, folder / "pretrain.log", cwd=self.bundles.parent)
+            self._run_bundle(pretrain_configs, overrides, folder / "pretrain.log")
             from aiva_monai.io import write_json_atomic
 
             write_json_atomic(done, {"steps": steps, "sources": list(cell.sources), "commit": git_commit()})
@@ -236,7 +239,7 @@ class BundleCellRunner:
         configs = self.method_configs(cell.method)
         overrides = self.train_overrides(cell, run_dir)
         progress("training" if cell.method not in ("source", "adabn") else "preparing the model")
-        run_bundle(configs, overrides, run_dir / "train.log", cwd=self.bundles.parent)
+        self._run_bundle(configs, overrides, run_dir / "train.log")
         card = (
             json.loads((run_dir / "method.json").read_text())
             if (run_dir / "method.json").is_file()
@@ -278,9 +281,7 @@ class BundleCellRunner:
                 " + '\\nsource: ' + str(@source) + ', target: ' + @target"
             ),
         }
-        run_bundle(
-            [*configs, self.configs / "evaluate.json"], evaluation, run_dir / "evaluate.log", cwd=self.bundles.parent
-        )
+        self._run_bundle([*configs, self.configs / "evaluate.json"], evaluation, run_dir / "evaluate.log")
         rows = list(csv.DictReader(io.StringIO((run_dir / "evaluation" / "evaluation.csv").read_text())))
 
         def volumes_of(name):
