@@ -3,7 +3,8 @@
 Ignite-free, so evaluation scripts and the clustering handler share it. One round is three steps, also
 callable one by one (the handler's ``overlap`` mode runs the middle one in a background process):
 
-1. ``embed_sites``: one pass over every source and target slice, encoder only (``networks.encode``),
+1. ``embed_sites``: one pass over every target slice and every ``settings.source_stride``-th source slice
+   (all by default), encoder only (``networks.encode``),
    in eval mode. Each slice's bottleneck is projected to a sketch (``FeatureProjector``); each source
    slice's full bottleneck is also kept in a ``FeatureStore`` (float16 in memory up to a budget, the rest
    in a temporary file), so no second pass is needed for the source means.
@@ -35,6 +36,7 @@ from aiva_monai.clustering import (
     slice_positions,
 )
 from aiva_monai.network_pass import (
+    EveryNth,
     EvalMode,
     NetworkPass,
     all_gather_rows,
@@ -50,6 +52,7 @@ __all__ = [
     "NetworkPass",
     "embed_and_cluster",
     "embed_sites",
+    "clustered_source",
     "cluster_embedded",
     "compute_source_means",
     "EmbeddedSites",
@@ -68,6 +71,7 @@ class EmbeddedSites:
         store: the source slices' full features (this rank's rows), or None with ``second_pass``.
         n_features: D, the flattened bottleneck size.
         seconds: wall time of the pass.
+        source_rows: (n_s,) positions in the source dataset of the embedded source slices, or None (all).
     """
 
     source_sketch: np.ndarray
@@ -77,11 +81,20 @@ class EmbeddedSites:
     store: FeatureStore | None
     n_features: int
     seconds: float
+    source_rows: np.ndarray | None = None
 
     def close(self) -> None:
         if self.store is not None:
             self.store.close()
             self.store = None
+
+
+def clustered_source(source_dataset, settings: ClusteringSettings, network_pass: NetworkPass = NetworkPass()):
+    """The source slices a round clusters: ``source_dataset`` itself, or every ``settings.source_stride``-th
+    slice of it (an ``EveryNth`` view whose ``rows`` name them)."""
+    if settings.source_stride == 1:
+        return source_dataset
+    return EveryNth(source_dataset, settings.source_stride, network_pass.index_key)
 
 
 def embed_sites(
@@ -100,8 +113,13 @@ def embed_sites(
     module (``tap.module_name``); without ``encoder_only`` it also records the features.
     """
     rank, world_size = distributed_context()
+    all_source = source_dataset
+    source_dataset = clustered_source(all_source, settings, network_pass)
+    source_rows = getattr(source_dataset, "rows", None)
     n_total = len(source_dataset) + len(target_dataset)
     detail = "encoder only" if settings.encoder_only else "full network"
+    if source_rows is not None:
+        detail += f", 1 in {settings.source_stride} of {len(all_source)} source slices"
     if progress is not None:
         progress.start(
             "embed",
@@ -160,13 +178,17 @@ def embed_sites(
         store = FeatureStore(
             len(source_dataset), n_features, settings.store_dtype, settings.store_memory_mb, settings.store_dir
         )
-    positions = (
-        (slice_positions(source_dataset), slice_positions(target_dataset)) if settings.slice_position else (None, None)
-    )
+    positions = (None, None)
+    if settings.slice_position:
+        source_positions = slice_positions(all_source)
+        positions = (
+            source_positions if source_rows is None else source_positions[source_rows],
+            slice_positions(target_dataset),
+        )
     seconds = time.perf_counter() - start
     if progress is not None:
         progress("embed", n_total, n_total)
-    return EmbeddedSites(sketches["source"], sketches["target"], *positions, store, n_features, seconds)
+    return EmbeddedSites(sketches["source"], sketches["target"], *positions, store, n_features, seconds, source_rows)
 
 
 def cluster_embedded(
@@ -190,14 +212,16 @@ def cluster_embedded(
         progress=progress,
     )
     if world_size == 1:
-        return run()
-    import torch.distributed as dist
+        result = run()
+    else:
+        import torch.distributed as dist
 
-    start = time.perf_counter()
-    shared = [run() if rank == 0 else None]
-    dist.broadcast_object_list(shared, src=0)
-    result = shared[0]
-    result.timings = {**result.timings, "broadcast": time.perf_counter() - start - sum(result.timings.values())}
+        start = time.perf_counter()
+        shared = [run() if rank == 0 else None]
+        dist.broadcast_object_list(shared, src=0)
+        result = shared[0]
+        result.timings = {**result.timings, "broadcast": time.perf_counter() - start - sum(result.timings.values())}
+    result.source_rows = embedded.source_rows
     return result
 
 
@@ -243,7 +267,7 @@ def compute_source_means(
             for features, position in iterate_features(
                 plain,
                 tap,
-                source_dataset,
+                clustered_source(source_dataset, settings, network_pass),
                 network_pass,
                 settings,
                 site="source means",

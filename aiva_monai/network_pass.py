@@ -1,5 +1,6 @@
-"""Running a network over slices: how (``NetworkPass``), the batch-by-batch bottleneck features
-(``iterate_features``), eval mode without gradients, and the torch.distributed sharing of a pass."""
+"""Running a network over slices: how (``NetworkPass``), which slices (``EveryNth``), the batch-by-batch
+bottleneck features (``iterate_features``), eval mode without gradients, and the torch.distributed sharing
+of a pass."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from monai.data import DataLoader
 
@@ -15,7 +17,7 @@ from aiva_monai.clustering import (
 )
 from aiva_monai.networks import BottleneckTap, _unwrap, encode
 
-__all__ = ["NetworkPass", "SiteContext", "iterate_features", "distributed_context", "EvalMode", "features_shape"]
+__all__ = ["NetworkPass", "EveryNth", "SiteContext", "iterate_features", "distributed_context", "EvalMode", "features_shape"]
 
 
 SiteContext = Callable[[str], contextlib.AbstractContextManager]
@@ -45,6 +47,26 @@ class NetworkPass:
 
     def site_scope(self, site: str) -> contextlib.AbstractContextManager:
         return self.site_context(site) if self.site_context is not None else contextlib.nullcontext()
+
+
+class EveryNth(torch.utils.data.Dataset):
+    """Samples 0, stride, 2 * stride, ... of ``dataset``, with ``index_key`` renumbered 0, 1, 2, ... (the
+    position in this view, as ``iterate_features`` checks); ``rows`` (n,) are their positions in ``dataset``."""
+
+    def __init__(self, dataset, stride: int, index_key: str = "index") -> None:
+        if int(stride) < 1:
+            raise ValueError(f"stride must be at least 1, got {stride}.")
+        self.dataset, self.index_key = dataset, index_key
+        self.rows = np.arange(0, len(dataset), int(stride), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, position: int) -> dict:
+        sample = dict(self.dataset[int(self.rows[position])])
+        if self.index_key in sample:
+            sample[self.index_key] = int(position)
+        return sample
 
 
 def distributed_context() -> tuple[int, int]:

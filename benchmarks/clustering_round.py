@@ -25,11 +25,15 @@ Side by side in one process, on the same slices and the same network (the shippe
    AIVA (``AIVATrainer``, batch 8 + 8, the first round's clusters), both with ``train.json``'s trainable
    parameters (``frozen_modules``) and Adam, alternated twice from the same weights, mean seconds per step after
    warm-up steps; then the clustering share of AIVA's wall time at the paper's schedule (a round every
-   1,000 steps) = round / (round + 1,000 x AIVA step), for today's round and the new one.
+   1,000 steps) = round / (round + 1,000 x AIVA step), for today's round and the new one;
+7. a thinned source (``--compare-source-stride N ...``): the new round clustering every N-th source slice
+   (``source_stride``; the whole target), its stages and its agreement with the full rounds on the source
+   slices it clustered, and on planted structure (every N-th source row).
 
     OMP_NUM_THREADS=1 python benchmarks/clustering_round.py                  # 80 + 15 subjects, 1 thread
     python benchmarks/clustering_round.py --source-subjects 20 --target-subjects 5 --warm-steps 0   # quick
     python benchmarks/clustering_round.py --device cuda --threads 16 --tsne-jobs 16                # a GPU
+    OMP_NUM_THREADS=1 python benchmarks/clustering_round.py --warm-steps 0 --compare-source-stride 2 4   # thinned
 
 Prints markdown tables; ``--json`` also writes every number.
 """
@@ -190,17 +194,19 @@ def correspondence(new_labels, old_labels, k):
 def agreement(new, old, k=12) -> dict:
     from sklearn.metrics import adjusted_rand_score
 
+    # a round with a thinned source (source_stride) is compared on the source slices it clustered
+    old_source = old.source_labels if new.source_rows is None else old.source_labels[new.source_rows]
     target_map = correspondence(new.target_labels, old.target_labels, k)
-    source_map = correspondence(new.source_labels, old.source_labels, k)
+    source_map = correspondence(new.source_labels, old_source, k)
     same = sum(int(old.match[target_map[i]] == source_map[new.match[i]]) for i in range(k))
     return {
         "ari_target": adjusted_rand_score(old.target_labels, new.target_labels),
-        "ari_source": adjusted_rand_score(old.source_labels, new.source_labels),
+        "ari_source": adjusted_rand_score(old_source, new.source_labels),
         "matches_agreeing": same,
     }
 
 
-def planted(settings_today, settings_new, seed: int = 0) -> list[dict]:
+def planted(settings_today, settings_new, seed: int = 0, strides=()) -> list[dict]:
     import numpy as np
     from sklearn.metrics import adjusted_rand_score
 
@@ -233,6 +239,21 @@ def planted(settings_today, settings_new, seed: int = 0) -> list[dict]:
                 "ari_source_vs_truth": adjusted_rand_score(source_modes, results[name].source_labels),
                 "ari_target_vs_truth": adjusted_rand_score(target_modes, results[name].target_labels),
                 "mode_matches": mode_matches(results[name]),
+            }
+        )
+    for stride in strides:  # a thinned source: every stride-th source row (what source_stride embeds)
+        start = time.perf_counter()
+        thinned = cluster_sites(source[::stride], target, k, settings_new)
+        thinned_modes = source_modes[::stride]
+        source_of = correspondence(thinned.source_labels, thinned_modes, k)
+        target_of = correspondence(thinned.target_labels, target_modes, k)
+        rows.append(
+            {
+                "round": f"new, 1 in {stride} source rows",
+                "seconds": time.perf_counter() - start,
+                "ari_source_vs_truth": adjusted_rand_score(thinned_modes, thinned.source_labels),
+                "ari_target_vs_truth": adjusted_rand_score(target_modes, thinned.target_labels),
+                "mode_matches": {int(target_of[i]): int(source_of[thinned.match[i]]) for i in range(k)},
             }
         )
     moved = source + 0.3 * rng.normal(size=source.shape).astype(np.float32)  # the features after some training
@@ -455,6 +476,13 @@ def main() -> None:
         help="also run the new round in this autocast precision and compare it with the new round",
     )
     parser.add_argument(
+        "--compare-source-stride",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also run the new round clustering every N-th source slice (source_stride) and compare it",
+    )
+    parser.add_argument(
         "--warm-steps", type=int, default=50, help="AIVA steps before the warm-start comparison (0: skip)"
     )
     parser.add_argument(
@@ -536,9 +564,18 @@ def main() -> None:
         )
         report["rounds"][name] = {**{k: float(v) for k, v in rounds[name][0].timings.items()}, **rounds[name][1]}
         report["precision_agreement"] = agreement(rounds[name][0], rounds["new"][0])
+    for stride in args.compare_source_stride:
+        name = f"new, 1 in {stride} source slices"
+        rounds[name] = one_round(
+            name, network, source, target, new.replace(source_stride=stride), args.device, silences, args.amp
+        )
+        report["rounds"][name] = {**{k: float(v) for k, v in rounds[name][0].timings.items()}, **rounds[name][1]}
+        report.setdefault("stride_agreement", {})[name] = {
+            f"vs {other}": agreement(rounds[name][0], rounds[other][0]) for other in ("new", "today") if other in rounds
+        }
     if "today" in rounds:
         report["agreement"] = agreement(rounds["new"][0], rounds["today"][0])
-    report["planted"] = planted(today, new)
+    report["planted"] = planted(today, new, strides=args.compare_source_stride)
     if args.stability_seeds > 1:
         report["stability"] = stability(
             network, source, target, {"today": today, "new": new}, args.stability_seeds, args.device
@@ -591,6 +628,14 @@ def main() -> None:
             f"ARI target clusters {a['ari_target']:.3f}, source clusters {a['ari_source']:.3f}; "
             f"matched pairs that correspond: {a['matches_agreeing']}/12"
         )
+    for name, comparisons in report.get("stride_agreement", {}).items():
+        for other, a in comparisons.items():
+            ratio = report["rounds"][other.removeprefix("vs ")]["wall"] / report["rounds"][name]["wall"]
+            print(
+                f"\n{name} {other}: {ratio:.1f} x faster end to end; ARI target clusters {a['ari_target']:.3f}, "
+                f"source clusters (on the slices clustered) {a['ari_source']:.3f}; "
+                f"matched pairs that correspond: {a['matches_agreeing']}/12"
+            )
     print(
         "\n| planted modes (12 x 100 per site, 4,096 features) | seconds | ARI source vs truth | ARI target vs truth "
         "| matches = true mode pairs |\n|---|---|---|---|---|"

@@ -135,3 +135,48 @@ def test_slice_position_reaches_the_clustering(setup):
     positions = np.r_[np.arange(10) / 9, np.arange(10) / 9, np.arange(20) / 19]
     halves = [set(result.source_labels[positions < 0.4]), set(result.source_labels[positions > 0.6])]
     assert len(halves[0]) == len(halves[1]) == 1 and halves[0] != halves[1]
+
+
+def test_source_stride_clusters_every_nth_source_slice_exactly(setup):
+    network, source, target = setup
+    calls = []
+    handle = network.bottleneck.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    try:
+        thinned = run(setup, dict(source_stride=3, store_dtype="float32"))
+    finally:
+        handle.remove()
+    rows = np.arange(0, 40, 3)
+    np.testing.assert_array_equal(thinned.source_rows, rows)
+    assert len(thinned.source_labels) == 14 and len(thinned.target_labels) == 30
+    assert sum(calls) == 14 + 30  # one pass over the thinned source and the whole target
+    # the same round as on a source that only holds those slices (indices renumbered by position)
+    picked = [{**source[row], "index": position} for position, row in enumerate(rows)]
+    explicit = run((network, picked, target), dict(store_dtype="float32"))
+    assert explicit.source_rows is None
+    for name in ("source_labels", "target_labels", "embedding", "match"):
+        np.testing.assert_array_equal(getattr(thinned, name), getattr(explicit, name))
+    assert torch.equal(thinned.source_means, explicit.source_means)
+    # the means by a second pass visit the same slices
+    second = run(setup, dict(source_stride=3, channels_last=False, store_dtype="float32", source_means="second_pass"))
+    np.testing.assert_array_equal(second.source_labels, thinned.source_labels)
+    torch.testing.assert_close(second.source_means, thinned.source_means, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="source_stride"):
+        ClusteringSettings(source_stride=0)
+
+
+def test_source_stride_keeps_each_thinned_slices_position(setup):
+    network, source, target = setup
+
+    class Slices(list):
+        def __init__(self, samples, counts):
+            super().__init__(samples)
+            self.slice_counts = np.asarray(counts)
+
+    with BottleneckTap(network) as tap:
+        settings = ClusteringSettings(tsne_method="sklearn", batch_size=8, slice_position=50.0, source_stride=3)
+        result = embed_and_cluster(
+            network, tap, Slices(source, [10, 10, 20]), Slices(target, [15, 15]), 2, settings, progress=False
+        )
+    positions = np.r_[np.arange(10) / 9, np.arange(10) / 9, np.arange(20) / 19][result.source_rows]
+    halves = [set(result.source_labels[positions < 0.4]), set(result.source_labels[positions > 0.6])]
+    assert len(halves[0]) == len(halves[1]) == 1 and halves[0] != halves[1]

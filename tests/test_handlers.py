@@ -214,3 +214,24 @@ def test_overlap_state_dict_waits_for_the_round_in_flight(sites):
     assert handler.clustered_epoch == 2  # promoted at epoch 3, the last (nothing launched there)
     np.testing.assert_array_equal(fresh.pending.target_labels, handler.clustering.target_labels)
     assert torch.equal(fresh.pending.source_means, handler.clustering.source_means)
+
+
+def test_source_stride_round_survives_the_state_dict(sites, tmp_path):
+    class TwoSites(list):  # a SliceDataset-like source of two sites, 15 slices each
+        data = [{"site": "A"}, {"site": "B"}]
+        slice_counts = np.asarray([15, 15])
+
+    source, target = TwoSites(sites[0]), sites[1]
+    trainer, handler = make_trainer(
+        source, target, max_epochs=1, epoch_length=1, handler_options={"settings": {"source_stride": 4}}
+    )
+    trainer.run()
+    np.testing.assert_array_equal(handler.clustering.source_rows, np.arange(0, 30, 4))
+    assert handler.history[0]["n_source"] == 8 and handler.history[0]["n_target"] == 30
+    # each site's share counts the thinned slices: rows 0, 4, 8, 12 are site A, 16, 20, 24, 28 site B
+    assert {site: stats["slices"] for site, stats in handler.history[0]["source_sites"].items()} == {"A": 4, "B": 4}
+    torch.save(handler.state_dict(), tmp_path / "handler.pt")
+    _, fresh = make_trainer(*sites)
+    fresh.load_state_dict(torch.load(tmp_path / "handler.pt", weights_only=True))
+    np.testing.assert_array_equal(fresh.clustering.source_rows, handler.clustering.source_rows)
+    assert trainer.state.aiva_assignment.target_labels.shape == (30,)

@@ -38,6 +38,11 @@ class ClusteringSettings:
         precision: "auto" (the trainer's AMP setting, as before), "float32", "bfloat16" or "float16"
             (autocast for the embedding pass only; bfloat16 halves the CPU cost on CPUs with
             bfloat16 instructions at about 1 % relative error in the features).
+        source_stride: embed and cluster every ``source_stride``-th source slice (positions 0, s, 2s, ... of
+            the source dataset; 1: all). Neighbouring slices are nearly the same image, so the source
+            clusters and their means come from a thinned set at 1/s of the source pass's cost; the target
+            is always embedded whole (every target slice needs its cluster). ``SiteClustering.source_rows``
+            names the slices clustered.
         source_means: "store" (one network pass per round: each source slice's full feature is kept in
             a ``FeatureStore`` and the means are summed from it once the clusters exist) or
             "second_pass" (a second pass over the source after clustering, as before issue 14).
@@ -83,6 +88,7 @@ class ClusteringSettings:
     encoder_only: bool = True
     channels_last: bool = True
     precision: str = "auto"
+    source_stride: int = 1
     source_means: str = "store"
     store_dtype: str = "float16"
     store_memory_mb: float = 1024.0
@@ -114,7 +120,7 @@ class ClusteringSettings:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {allowed}.")
-        for name in ("batch_size", "sketch_dim", "pca_components", "kmeans_n_init"):
+        for name in ("batch_size", "source_stride", "sketch_dim", "pca_components", "kmeans_n_init"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         for name in ("tsne_exaggeration_iter", "tsne_iter", "tsne_warm_iter"):
@@ -166,7 +172,7 @@ class SiteClustering:
     """Result of one clustering round. k = number of clusters, D = flattened feature size.
 
     Attributes:
-        source_labels: (n_s,) source cluster id of every source sample.
+        source_labels: (n_s,) source cluster id of every clustered source sample.
         target_labels: (n_t,) target cluster id of every target sample.
         embedding: (n_s + n_t, 2) joint t-SNE embedding, source rows first.
         source_centers: (k, 2) k-means centres of the source points in the embedding.
@@ -178,6 +184,8 @@ class SiteClustering:
         perplexity: the t-SNE perplexity actually used (lowered for very small sets).
         timings: seconds spent in each stage.
         warm_started: whether t-SNE started from the previous round's embedding.
+        source_rows: (n_s,) position in the source dataset of each clustered source sample, or None when
+            every source sample was clustered in order (``ClusteringSettings.source_stride`` 1).
     """
 
     source_labels: np.ndarray
@@ -191,6 +199,7 @@ class SiteClustering:
     perplexity: float = 30.0
     timings: dict = field(default_factory=dict)
     warm_started: bool = False
+    source_rows: np.ndarray | None = None
 
     @property
     def n_clusters(self) -> int:

@@ -27,7 +27,8 @@ class AIVAClusteringHandler:
     """Re-clusters source and target at the start of every adaptation epoch of an ``AIVATrainer``.
 
     At ``EPOCH_STARTED`` (every ``interval`` epochs) it runs one clustering round (``embed_and_cluster``):
-    one eval-mode pass of the network's encoder over every source and every target slice (no gradients),
+    one eval-mode pass of the network's encoder over every target slice and every source slice (or every
+    ``settings.source_stride``-th; no gradients),
     each bottleneck reduced to a sketch (``FeatureProjector``) and each source bottleneck kept in a
     ``FeatureStore``; joint PCA, joint t-SNE, per-site k-means and Hungarian matching on the sketches
     (``cluster_sketches``); the full-dimensional source means per cluster from the store. The trainer
@@ -205,9 +206,8 @@ class AIVAClusteringHandler:
             **{f"time_{stage}": float(seconds) for stage, seconds in result.timings.items()},
         }
         if self.source_groups is not None and len(set(self.source_groups)) > 1:
-            summary["source_sites"] = per_group_cluster_counts(
-                self.source_groups, result.source_labels, self.n_clusters
-            )
+            groups = self.source_groups if result.source_rows is None else self.source_groups[result.source_rows]
+            summary["source_sites"] = per_group_cluster_counts(groups, result.source_labels, self.n_clusters)
         return summary
 
     def _record(self, epoch: int, result: SiteClustering) -> None:
@@ -304,6 +304,7 @@ class AIVAClusteringHandler:
         waited = time.perf_counter()
         try:
             result = future.result()
+            result.source_rows = embedded.source_rows
             waited = time.perf_counter() - waited
             start = time.perf_counter()
             result.source_means = compute_source_means(
@@ -353,6 +354,8 @@ class AIVAClusteringHandler:
             timings={k: float(v) for k, v in result.timings.items()},
             warm_started=bool(result.warm_started),
         )
+        if result.source_rows is not None:
+            state["source_rows"] = torch.as_tensor(result.source_rows)
         return state
 
     def _result_from_state(self, state: dict) -> SiteClustering:
@@ -364,6 +367,7 @@ class AIVAClusteringHandler:
             perplexity=float(state["perplexity"]),
             timings=dict(state["timings"]),
             warm_started=bool(state.get("warm_started", False)),
+            source_rows=torch.as_tensor(state["source_rows"]).numpy() if "source_rows" in state else None,
         )
         if result.n_clusters != self.n_clusters:
             raise ValueError(
