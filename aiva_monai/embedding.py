@@ -36,8 +36,8 @@ from aiva_monai.clustering import (
     slice_positions,
 )
 from aiva_monai.network_pass import (
-    EveryNth,
     EvalMode,
+    EveryNth,
     NetworkPass,
     all_gather_rows,
     broadcast_buffers,

@@ -17,7 +17,15 @@ from aiva_monai.clustering import (
 )
 from aiva_monai.networks import BottleneckTap, _unwrap, encode
 
-__all__ = ["NetworkPass", "EveryNth", "SiteContext", "iterate_features", "distributed_context", "EvalMode", "features_shape"]
+__all__ = [
+    "NetworkPass",
+    "EveryNth",
+    "SiteContext",
+    "iterate_features",
+    "distributed_context",
+    "EvalMode",
+    "features_shape",
+]
 
 
 SiteContext = Callable[[str], contextlib.AbstractContextManager]
