@@ -195,6 +195,7 @@ def agreement(new, old, k=12) -> dict:
     from sklearn.metrics import adjusted_rand_score
 
     # a round with a thinned source (source_stride) is compared on the source slices it clustered
+    assert old.source_rows is None, "the reference round must cluster every source slice"
     old_source = old.source_labels if new.source_rows is None else old.source_labels[new.source_rows]
     target_map = correspondence(new.target_labels, old.target_labels, k)
     source_map = correspondence(new.source_labels, old_source, k)

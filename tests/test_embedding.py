@@ -160,8 +160,9 @@ def test_source_stride_clusters_every_nth_source_slice_exactly(setup):
     second = run(setup, dict(source_stride=3, channels_last=False, store_dtype="float32", source_means="second_pass"))
     np.testing.assert_array_equal(second.source_labels, thinned.source_labels)
     torch.testing.assert_close(second.source_means, thinned.source_means, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="source_stride"):
-        ClusteringSettings(source_stride=0)
+    for wrong in (0, 1.5, True):
+        with pytest.raises(ValueError, match="source_stride"):
+            ClusteringSettings(source_stride=wrong)
 
 
 def test_source_stride_keeps_each_thinned_slices_position(setup):

@@ -235,3 +235,8 @@ def test_source_stride_round_survives_the_state_dict(sites, tmp_path):
     fresh.load_state_dict(torch.load(tmp_path / "handler.pt", weights_only=True))
     np.testing.assert_array_equal(fresh.clustering.source_rows, handler.clustering.source_rows)
     assert trainer.state.aiva_assignment.target_labels.shape == (30,)
+
+
+def test_attach_counts_the_thinned_source(sites):
+    with pytest.raises(ValueError, match=r"8 \(1 in 4\) slices, fewer than n_clusters=9"):
+        make_trainer(*sites, n_clusters=9, handler_options={"settings": {"source_stride": 4}})

@@ -121,6 +121,8 @@ class ClusteringSettings:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {allowed}.")
         for name in ("batch_size", "source_stride", "sketch_dim", "pca_components", "kmeans_n_init"):
+            if isinstance(getattr(self, name), bool) or not float(getattr(self, name)).is_integer():
+                raise ValueError(f"{name} must be a whole number, got {getattr(self, name)!r}.")
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         for name in ("tsne_exaggeration_iter", "tsne_iter", "tsne_warm_iter"):

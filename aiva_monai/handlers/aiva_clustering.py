@@ -13,7 +13,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from aiva_monai.clustering import ClusteringSettings, SiteClustering, cluster_sketches, slice_positions
-from aiva_monai.embedding import compute_source_means, embed_and_cluster, embed_sites
+from aiva_monai.embedding import clustered_source, compute_source_means, embed_and_cluster, embed_sites
 from aiva_monai.engines import ClusterAssignment
 from aiva_monai.handlers.site_counts import per_group_cluster_counts, source_slice_groups
 from aiva_monai.io import write_csv_atomic
@@ -115,10 +115,13 @@ class AIVAClusteringHandler:
     def attach(self, engine: Engine) -> None:
         if not hasattr(engine, "bottleneck_tap"):
             raise TypeError(f"AIVAClusteringHandler needs an AIVATrainer, got {type(engine).__name__}.")
-        for site, dataset in (("source", self.source_dataset), ("target", self.target_dataset)):
+        clustered = clustered_source(self.source_dataset, self.settings)
+        for site, dataset in (("source", clustered), ("target", self.target_dataset)):
             if len(dataset) < self.n_clusters:
+                stride = self.settings.source_stride if site == "source" else 1
+                thinned = f" (1 in {stride})" if stride > 1 else ""
                 raise ValueError(
-                    f"the {site} dataset has {len(dataset)} slices, fewer than n_clusters={self.n_clusters}."
+                    f"the {site} dataset has {len(dataset)}{thinned} slices, fewer than n_clusters={self.n_clusters}."
                 )
         engine.add_event_handler(Events.EPOCH_STARTED, self)
         engine.add_event_handler(Events.COMPLETED, lambda _: self.shutdown())
