@@ -39,7 +39,8 @@ class ClusteringSettings:
             (autocast for the embedding pass only; bfloat16 halves the CPU cost on CPUs with
             bfloat16 instructions at about 1 % relative error in the features).
         source_stride: embed and cluster every ``source_stride``-th source slice (positions 0, s, 2s, ... of
-            the source dataset; 1: all). Neighbouring slices are nearly the same image, so the source
+            the source dataset; 1: all; opt-in, not recommended: at 4 the clusters agree poorly with the full
+            round's, benchmarks/README.md). Neighbouring slices are nearly the same image, so the source
             clusters and their means come from a thinned set at 1/s of the source pass's cost; the target
             is always embedded whole (every target slice needs its cluster). ``SiteClustering.source_rows``
             names the slices clustered.
