@@ -294,10 +294,8 @@ def embed_and_cluster(
     settings: ClusteringSettings | dict | None = None,
     network_pass: NetworkPass = NetworkPass(),
     *,
-    progress: bool = True,
-    label: str = "",
     init_embedding=None,
-    log: logging.Logger | None = None,
+    report: RoundProgress | None = None,
 ) -> SiteClustering:
     """One clustering round (paper, Algorithm 1 steps 1-5) with ``network`` in eval mode.
 
@@ -309,10 +307,11 @@ def embed_and_cluster(
         settings: a ``ClusteringSettings`` (or a dict of settings, e.g. a bundle's ``cluster_options``;
             None: the defaults). On a CUDA device the PCA runs there unless ``pca_device`` is set.
         network_pass: how the network runs (device, workers, keys, AMP, per-site context).
-        progress: show progress bars (log lines are always written, at most ``settings.log_every_s``
-            seconds apart, through ``log``).
-        label: prefix of the log lines (e.g. "epoch 3: ").
         init_embedding: the previous round's embedding, for ``settings.tsne_warm_start``.
+        report: where the round's progress goes: a ``RoundProgress`` (its logger, line prefix, interval
+            and whether it draws bars; e.g. ``RoundProgress(logger, "AIVA epoch 3: ", bar=True)``). None:
+            lines through this module's logger prefixed "AIVA ", at most ``settings.log_every_s`` seconds
+            apart, no bar. Closed when the round ends.
 
     Returns:
         SiteClustering with ``source_means`` (k, D) on ``network_pass.device`` and the seconds of every stage in
@@ -321,8 +320,7 @@ def embed_and_cluster(
     settings = ClusteringSettings.coerce(settings)
     if torch.device(network_pass.device).type == "cuda" and settings.pca_device is None:
         settings = settings.replace(pca_device=str(network_pass.device))  # exact PCA with torch on the GPU
-    rank, _ = distributed_context()
-    reporter = RoundProgress(log or logger, f"AIVA {label}", settings.log_every_s, bar=progress and rank == 0)
+    reporter = report or RoundProgress(logger, "AIVA ", settings.log_every_s)
     embedded = embed_sites(network, tap, source_dataset, target_dataset, settings, network_pass, reporter)
     try:
         result = cluster_embedded(embedded, n_clusters, settings, init_embedding=init_embedding, progress=reporter)

@@ -26,6 +26,7 @@ from aiva_monai.io import write_text_atomic
 from aiva_monai.metrics import voxel_spacing
 from aiva_monai.network_pass import NetworkPass
 from aiva_monai.networks import BottleneckTap
+from aiva_monai.progress import RoundProgress
 from aiva_monai.visualize import plot_clusterings
 
 __all__ = [
@@ -275,8 +276,7 @@ def run_evaluation(
                     clusters.n_clusters,
                     clusters.settings,
                     NetworkPass(device=device, amp=scoring.amp),
-                    progress=False,
-                    label=f"{model_name} model: ",
+                    report=RoundProgress(logger, f"AIVA {model_name} model: "),
                 )
     table = summarize(rows, tolerances_mm)
     program = Path(sys.argv[0]) if sys.argv else Path("")

@@ -161,6 +161,7 @@ def one_round(name, network, source, target, settings, device, silences, amp):
     from aiva_monai.embedding import embed_and_cluster
     from aiva_monai.network_pass import NetworkPass
     from aiva_monai.networks import BottleneckTap
+    from aiva_monai.progress import RoundProgress
 
     print(f"\n-- round: {name} --", flush=True)
     with BottleneckTap(network) as tap, PeakMemory() as memory:
@@ -173,8 +174,7 @@ def one_round(name, network, source, target, settings, device, silences, amp):
             12,
             settings,
             NetworkPass(device=device, amp=amp),
-            progress=False,
-            label=f"[{name}] ",
+            report=RoundProgress(logging.getLogger("aiva_monai.embedding"), f"AIVA [{name}] ", settings.log_every_s),
         )
         end = time.perf_counter()
     return result, {"wall": end - start, "extra_mb": memory.extra_mb, "longest_silence": silences.longest(start, end)}

@@ -45,7 +45,6 @@ MAX_LINES = 450
 # functions allowed more than 10 parameters, and why
 MANY_PARAMETERS = {
     "volume_transforms": "a factory of the 3D preprocessing chain: each argument is one transform's option",
-    "embed_and_cluster": "11: the round's inputs, its two settings objects and logging",
 }
 
 

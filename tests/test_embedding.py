@@ -11,6 +11,7 @@ from aiva_monai.clustering import ClusteringSettings
 from aiva_monai.embedding import embed_and_cluster
 from aiva_monai.network_pass import NetworkPass
 from aiva_monai.networks import BottleneckTap, PreActResUNet
+from aiva_monai.progress import RoundProgress
 from tests.helpers import synthetic_site
 
 TODAY = dict(encoder_only=False, channels_last=False, source_means="second_pass")  # the round before issue 14
@@ -38,7 +39,6 @@ def run(setup, settings, site_context=None, **kwargs):
             3,
             ClusteringSettings(**{"tsne_method": "sklearn", "batch_size": 8, **settings}),
             NetworkPass(site_context=site_context),
-            progress=False,
             **kwargs,
         )
 
@@ -105,7 +105,8 @@ def test_site_context_wraps_each_sites_pass_in_eval_mode(setup):
 
 def test_progress_lines_name_the_stage_the_counts_and_the_time(setup, caplog):
     with caplog.at_level(logging.INFO, logger="aiva_monai.embedding"):
-        run(setup, dict(log_every_s=0.0, tsne_method="opentsne"), label="epoch 7: ")
+        report = RoundProgress(logging.getLogger("aiva_monai.embedding"), "AIVA epoch 7: ", every_s=0.0)
+        run(setup, dict(tsne_method="opentsne"), report=report)
     lines = [r.getMessage() for r in caplog.records]
     assert all(line.startswith("AIVA epoch 7: ") for line in lines)
     assert any("embedding pass started: 70 slices (40 source + 30 target, encoder only)" in line for line in lines)
@@ -128,9 +129,9 @@ def test_slice_position_reaches_the_clustering(setup):
     with_counts = (Slices(source, [10, 10, 20]), Slices(target, [15, 15]))
     with BottleneckTap(network) as tap:
         settings = ClusteringSettings(tsne_method="sklearn", batch_size=8, slice_position=50.0)
-        result = embed_and_cluster(network, tap, *with_counts, 2, settings, progress=False)
+        result = embed_and_cluster(network, tap, *with_counts, 2, settings)
         with pytest.raises(ValueError, match="slice_counts"):
-            embed_and_cluster(network, tap, source, target, 2, settings, progress=False)
+            embed_and_cluster(network, tap, source, target, 2, settings)
     # a dominant position column: the two clusters of each site are the two halves of the volumes
     positions = np.r_[np.arange(10) / 9, np.arange(10) / 9, np.arange(20) / 19]
     halves = [set(result.source_labels[positions < 0.4]), set(result.source_labels[positions > 0.6])]
@@ -175,9 +176,7 @@ def test_source_stride_keeps_each_thinned_slices_position(setup):
 
     with BottleneckTap(network) as tap:
         settings = ClusteringSettings(tsne_method="sklearn", batch_size=8, slice_position=50.0, source_stride=3)
-        result = embed_and_cluster(
-            network, tap, Slices(source, [10, 10, 20]), Slices(target, [15, 15]), 2, settings, progress=False
-        )
+        result = embed_and_cluster(network, tap, Slices(source, [10, 10, 20]), Slices(target, [15, 15]), 2, settings)
     positions = np.r_[np.arange(10) / 9, np.arange(10) / 9, np.arange(20) / 19][result.source_rows]
     halves = [set(result.source_labels[positions < 0.4]), set(result.source_labels[positions > 0.6])]
     assert len(halves[0]) == len(halves[1]) == 1 and halves[0] != halves[1]

@@ -178,9 +178,7 @@ def test_overlap_trains_one_round_behind_and_is_deterministic(sites):
     network = PreActResUNet(channels=(4, 8, 16), blocks_per_level=1)
     network.load_state_dict(weights[2])
     with BottleneckTap(network) as tap:
-        synchronous = embed_and_cluster(
-            network, tap, *sites, 3, handler.settings.replace(overlap=False), progress=False
-        )
+        synchronous = embed_and_cluster(network, tap, *sites, 3, handler.settings.replace(overlap=False))
     background = clusterings[3]
     for name in ("source_labels", "target_labels", "embedding", "match"):
         np.testing.assert_array_equal(getattr(background, name), getattr(synchronous, name))

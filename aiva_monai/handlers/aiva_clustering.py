@@ -171,6 +171,11 @@ class AIVAClusteringHandler:
             settings = settings.replace(pca_device=str(engine.state.device))
         return settings
 
+    def _reporter(self, epoch: int) -> RoundProgress:
+        """The round's progress: log lines through the handler's logger; bars on rank 0 when asked for."""
+        bar = self.progress and distributed_context()[0] == 0
+        return RoundProgress(self.logger, f"AIVA epoch {epoch}: ", self.settings.log_every_s, bar=bar)
+
     def _previous_embedding(self):
         return None if self.clustering is None else self.clustering.embedding
 
@@ -185,10 +190,8 @@ class AIVAClusteringHandler:
             self.n_clusters,
             self._settings_for(engine),
             self._network_pass(engine),
-            progress=self.progress,
-            label=f"epoch {epoch}: ",
             init_embedding=self._previous_embedding(),
-            log=self.logger,
+            report=self._reporter(epoch),
         )
         self.clustering, self.clustered_epoch = result, epoch
         self._record(epoch, result)
@@ -264,7 +267,7 @@ class AIVAClusteringHandler:
 
         epoch = engine.state.epoch
         settings = self._settings_for(engine)
-        reporter = RoundProgress(self.logger, f"AIVA epoch {epoch}: ", settings.log_every_s, bar=self.progress)
+        reporter = self._reporter(epoch)
         embedded = embed_sites(
             engine.network,
             engine.bottleneck_tap,
