@@ -20,6 +20,7 @@ from monai.engines import SupervisedEvaluator
 from monai.handlers import MeanDice, from_engine
 from monai.transforms import Activationsd, AsDiscreted, Compose, KeepLargestConnectedComponentd
 
+from aiva_monai.clustering import ClusteringSettings
 from aiva_monai.embedding import embed_and_cluster
 from aiva_monai.handlers import SurfaceDiceHandler
 from aiva_monai.io import write_text_atomic
@@ -276,7 +277,9 @@ def run_evaluation(
                     clusters.n_clusters,
                     clusters.settings,
                     NetworkPass(device=device, amp=scoring.amp),
-                    report=RoundProgress(logger, f"AIVA {model_name} model: "),
+                    report=RoundProgress(
+                        logger, f"AIVA {model_name} model: ", ClusteringSettings.coerce(clusters.settings).log_every_s
+                    ),
                 )
     table = summarize(rows, tolerances_mm)
     program = Path(sys.argv[0]) if sys.argv else Path("")

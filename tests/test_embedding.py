@@ -28,6 +28,14 @@ def setup():
     return network, synthetic_site(40, seed=0), synthetic_site(30, contrast=1.7, seed=1)
 
 
+class Slices(list):
+    """Samples with the ``slice_counts`` of a ``SliceDataset`` (what ``slice_position`` reads)."""
+
+    def __init__(self, samples, counts):
+        super().__init__(samples)
+        self.slice_counts = np.asarray(counts)
+
+
 def run(setup, settings, site_context=None, **kwargs):
     network, source, target = setup
     with BottleneckTap(network) as tap:
@@ -121,11 +129,6 @@ def test_progress_lines_name_the_stage_the_counts_and_the_time(setup, caplog):
 def test_slice_position_reaches_the_clustering(setup):
     network, source, target = setup
 
-    class Slices(list):
-        def __init__(self, samples, counts):
-            super().__init__(samples)
-            self.slice_counts = np.asarray(counts)
-
     with_counts = (Slices(source, [10, 10, 20]), Slices(target, [15, 15]))
     with BottleneckTap(network) as tap:
         settings = ClusteringSettings(tsne_method="sklearn", batch_size=8, slice_position=50.0)
@@ -168,11 +171,6 @@ def test_source_stride_clusters_every_nth_source_slice_exactly(setup):
 
 def test_source_stride_keeps_each_thinned_slices_position(setup):
     network, source, target = setup
-
-    class Slices(list):
-        def __init__(self, samples, counts):
-            super().__init__(samples)
-            self.slice_counts = np.asarray(counts)
 
     with BottleneckTap(network) as tap:
         settings = ClusteringSettings(tsne_method="sklearn", batch_size=8, slice_position=50.0, source_stride=3)
