@@ -54,15 +54,12 @@ class NeighbourSlicesd(MapTransform):
 
 def volume_transforms(
     keys: Sequence[str] = ("image", "label"),
-    image_key: str = "image",
     pixdim: Sequence[float] | None = (1.0, 1.0, 1.0),
     in_plane_size: Sequence[int] = (256, 256),
     slice_axis: int = 0,
     intensity: str = "percentile",
-    lower_percentile: float = 0.5,
-    upper_percentile: float = 99.5,
+    percentiles: Sequence[float] = (0.5, 99.5),
     load: bool = True,
-    simulate_key: str | None = "simulate",
     compact: bool = True,
     merge_labels: bool = False,
     context_slices: int = 0,
@@ -76,31 +73,30 @@ def volume_transforms(
     halves (quarters) the cache; ``SliceDataset`` hands out float32.
 
     Args:
-        keys: image and mask keys; masks may be missing (unlabelled target data).
-        image_key: the key that holds the image.
+        keys: the image key first, then the mask keys; masks may be missing (unlabelled target data).
         pixdim: target voxel size in mm, or None to keep the native grid.
         in_plane_size: (H, W) of every slice.
         slice_axis: the axis slices are taken along (0: sagittal, 1: coronal, 2: axial in RAS).
         intensity: "percentile" or "zscore".
-        lower_percentile, upper_percentile: clipping percentiles for "percentile".
-        load: start with ``LoadImaged`` (False when the dicts already hold arrays).
-        simulate_key: entries carrying this key get a simulated scanner change right after loading
-            (``aiva_monai.data.simulate.SimulateScannerd``); None disables it.
+        percentiles: the (lower, upper) clipping percentiles for "percentile".
+        load: start with ``LoadImaged``, then give the entries that carry a ``"simulate"`` key their
+            simulated scanner change (``aiva_monai.data.simulate.SimulateScannerd``); False when the
+            dicts already hold arrays (inference), which also skips the simulation.
         compact: end with the compact cache types (float16 image, uint8 masks) for slice caches;
             False keeps float32, what 3D evaluation and inference feed the network directly.
         merge_labels: masks with labels above 1 (e.g. prostate zones) become one foreground label.
         context_slices: add this many neighbouring slices on each side as image channels
             (``NeighbourSlicesd``); the network then takes ``2 * context_slices + 1`` input channels.
     """
-    keys = tuple(keys)
-    masks = tuple(k for k in keys if k != image_key)
+    keys = (keys,) if isinstance(keys, str) else tuple(keys)
+    image_key, masks = keys[0], keys[1:]
+    lower_percentile, upper_percentile = percentiles
     spatial_size = list(in_plane_size)
     spatial_size.insert(slice_axis, -1)
     chain = []
     if load:
         chain.append(LoadImaged(keys, image_only=True, ensure_channel_first=True, allow_missing_keys=True))
-    if simulate_key is not None:
-        chain.append(SimulateScannerd(image_key, simulate_key))
+        chain.append(SimulateScannerd(image_key, "simulate"))
     if merge_labels and masks:
         chain.append(AsDiscreted(masks, threshold=0.5, allow_missing_keys=True))
     chain.append(
