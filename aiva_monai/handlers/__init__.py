@@ -1,5 +1,6 @@
 """Ignite handlers, one idea a module: per-epoch clustering and matching for AIVA (``aiva_clustering``, with
-``site_counts`` for several source sites), checkpoint savers' state (``saver_state``) and per-volume surface
+``site_counts`` for several source sites, ``clustering_state`` for its checkpoints and ``background`` for its
+overlapped rounds), checkpoint savers' state (``saver_state``) and per-volume surface
 Dice (``surface_dice``)."""
 
 from aiva_monai.handlers.aiva_clustering import AIVAClusteringHandler

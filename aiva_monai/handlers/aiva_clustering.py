@@ -4,23 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import sys
 import time
 
-import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
 from aiva_monai.clustering import ClusteringSettings, SiteClustering, cluster_sketches, slice_positions
 from aiva_monai.embedding import clustered_source, compute_source_means, embed_and_cluster, embed_sites
 from aiva_monai.engines import ClusterAssignment
+from aiva_monai.handlers.background import background_executor
+from aiva_monai.handlers.clustering_state import clustering_from_state, clustering_to_state
 from aiva_monai.handlers.site_counts import per_group_cluster_counts, source_slice_groups
 from aiva_monai.io import write_csv_atomic
 from aiva_monai.network_pass import NetworkPass, distributed_context
 from aiva_monai.progress import RoundProgress
-
-_ARRAY_FIELDS = ("source_labels", "target_labels", "embedding", "source_centers", "target_centers", "match")
 
 
 class AIVAClusteringHandler:
@@ -262,9 +260,6 @@ class AIVAClusteringHandler:
         return self.pending_epoch
 
     def _launch(self, engine: Engine) -> None:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
         epoch = engine.state.epoch
         settings = self._settings_for(engine)
         reporter = self._reporter(epoch)
@@ -279,13 +274,7 @@ class AIVAClusteringHandler:
         )
         reporter.close()
         if self._executor is None:
-            # spawn: a clean interpreter (no copy of a process with torch threads or CUDA state)
-            self._executor = ProcessPoolExecutor(
-                max_workers=1,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_background_init,
-                initargs=(os.getpid(),),
-            )
+            self._executor = background_executor()
         future = self._executor.submit(
             cluster_sketches,
             embedded.source_sketch,
@@ -349,47 +338,15 @@ class AIVAClusteringHandler:
 
     # -- checkpointing ----------------------------------------------------------------------------
 
-    @staticmethod
-    def _result_state(result: SiteClustering, epoch: int) -> dict:
-        state = {name: torch.as_tensor(np.asarray(getattr(result, name))) for name in _ARRAY_FIELDS}
-        state.update(
-            clustered_epoch=int(epoch),
-            matched_cost=float(result.matched_cost),
-            perplexity=float(result.perplexity),
-            source_means=result.source_means.detach().cpu(),
-            timings={k: float(v) for k, v in result.timings.items()},
-            warm_started=bool(result.warm_started),
-        )
-        if result.source_rows is not None:
-            state["source_rows"] = torch.as_tensor(result.source_rows)
-        return state
-
-    def _result_from_state(self, state: dict) -> SiteClustering:
-        arrays = {name: torch.as_tensor(state[name]).numpy() for name in _ARRAY_FIELDS}
-        result = SiteClustering(
-            **arrays,
-            matched_cost=float(state["matched_cost"]),
-            source_means=torch.as_tensor(state["source_means"]).float(),
-            perplexity=float(state["perplexity"]),
-            timings=dict(state["timings"]),
-            warm_started=bool(state.get("warm_started", False)),
-            source_rows=torch.as_tensor(state["source_rows"]).numpy() if "source_rows" in state else None,
-        )
-        if result.n_clusters != self.n_clusters:
-            raise ValueError(
-                f"checkpoint holds {result.n_clusters} clusters, the handler is set up for {self.n_clusters}."
-            )
-        return result
-
     def state_dict(self) -> dict:
         """The current clustering (and, with ``overlap``, the next one: a round in flight is waited for)."""
         self._collect()
         if self.clustering is None:
             return {"clustered_epoch": -1, "history": list(self.history)}
-        state = self._result_state(self.clustering, self.clustered_epoch)
+        state = clustering_to_state(self.clustering, self.clustered_epoch)
         state["history"] = list(self.history)
         if self.pending is not None:
-            state["pending"] = self._result_state(self.pending, self.pending_epoch)
+            state["pending"] = clustering_to_state(self.pending, self.pending_epoch)
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -399,33 +356,8 @@ class AIVAClusteringHandler:
         if state["clustered_epoch"] < 0:
             self.clustering, self.clustered_epoch = None, None
             return
-        self.clustering = self._result_from_state(state)
+        self.clustering = clustering_from_state(state, self.n_clusters)
         self.clustered_epoch = int(state["clustered_epoch"])
         if "pending" in state:
-            self.pending = self._result_from_state(state["pending"])
+            self.pending = clustering_from_state(state["pending"], self.n_clusters)
             self.pending_epoch = int(state["pending"]["clustered_epoch"])
-
-
-def _background_init(parent: int) -> None:
-    """Initialiser of the background clustering process: one torch thread (the clustering's own threads
-    are ``settings.n_jobs``), and exit as soon as the training process is gone, even when it was killed
-    with SIGKILL (no orphan left holding its output pipes)."""
-    torch.set_num_threads(1)
-    try:  # Linux: the kernel sends SIGKILL when the parent dies
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    import os
-    import threading
-
-    def watch() -> None:  # elsewhere (and as a fallback): poll for the parent
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    if os.getppid() != parent:
-        os._exit(1)
-    threading.Thread(target=watch, daemon=True, name="aiva-parent-watch").start()
