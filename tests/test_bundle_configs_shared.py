@@ -148,3 +148,35 @@ def test_shared_parts_are_identical(name):
     brain, prostate = (json.loads((CONFIGS / b / "configs" / name).read_text(encoding="utf-8")) for b in BUNDLES)
     unexpected = sorted(path for path in differences(brain, prostate) if not allowed(path, ALLOWED[name]))
     assert not unexpected, f"{name}: the bundles differ at {unexpected}; change both (or list a bundle-specific key)"
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+@pytest.mark.parametrize("name", ["train.json", "pretrain.json"])
+def test_the_demo_switch_picks_one_preset(bundle, name, tmp_path):
+    """`demo` (the datalist says SYNTHETIC) is read by `preset` alone: every preset setting follows it, and a
+    top-level override still wins."""
+    import copy
+
+    from monai.bundle import ConfigParser
+
+    config = json.loads((CONFIGS / bundle / "configs" / name).read_text(encoding="utf-8"))
+    presets = config["presets"]
+    assert set(presets) == {"demo", "real"} and presets["demo"].keys() == presets["real"].keys()
+    for synthetic, chosen in ((True, "demo"), (False, "real")):
+        datalist = tmp_path / f"datalist_{chosen}.json"
+        datalist.write_text(json.dumps({"synthetic": True} if synthetic else {}))
+        paths = {"datalist": str(datalist), "output_dir": str(tmp_path), "bundle_root": str(tmp_path)}
+        parser = ConfigParser(copy.deepcopy(config))
+        parser.update(paths)
+        assert parser.get_parsed_content("demo") is synthetic
+        for key, value in presets[chosen].items():
+            if not str(value).startswith("$"):
+                assert parser.get_parsed_content("preset")[key] == value, (bundle, name, chosen, key)
+                if key in config:
+                    assert parser.get_parsed_content(key) == value, (bundle, name, chosen, key)
+        if "source_checkpoint" in presets[chosen]:  # brain: the demo's own source model, else the shipped one
+            expected = f"{tmp_path}/demo_source/model.pt" if synthetic else f"{tmp_path}/models/model.pt"
+            assert parser.get_parsed_content("source_checkpoint") == expected
+        parser = ConfigParser(copy.deepcopy(config))
+        parser.update({**paths, "max_steps": 7})
+        assert parser.get_parsed_content("max_steps") == 7
