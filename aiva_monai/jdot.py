@@ -7,7 +7,6 @@ Pure maths on tensors (POT's exact solver ``ot.emd``); ``aiva_monai.engines.segj
 from __future__ import annotations
 
 import numpy as np
-import ot
 import torch
 import torch.nn.functional as F
 from monai.networks.utils import one_hot
@@ -83,6 +82,8 @@ def jdot_plan(
     else:
         label_term = -(labels @ probs.clamp_min(eps).log().T)
     cost = alpha * feature_cost + beta * label_term
+
+    import ot  # noqa: PLC0415  (only SegJDoT needs POT: a 33 MB wheel the other methods go without)
 
     # exact OT in float64 on the CPU; the plan is a constant of the loss (DeepJDOT's alternating scheme)
     plan = ot.emd(ot.unif(n_s), ot.unif(n_t), cost.detach().double().cpu().numpy())

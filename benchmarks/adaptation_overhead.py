@@ -102,8 +102,8 @@ def aiva_run(network, source, target, args, device):
         source,
         target,
         n_clusters=12,
-        settings={"batch_size": args.embed_batch, "tsne_method": "opentsne"},
-        num_workers=args.workers,
+        settings={"batch_size": args.embed_batch, "tsne_method": args.tsne_method},
+        network_pass={"num_workers": args.workers},  # device and AMP: the trainer's
         progress=False,
         group_key=None,
     )
@@ -114,6 +114,33 @@ def aiva_run(network, source, target, args, device):
     sync(device)
     wall = time.perf_counter() - start
     return wall, {k[5:]: v for k, v in handler.history[0].items() if k.startswith("time_")}
+
+
+def write_json(args, device: str, name: str, iterations: int, rows) -> None:
+    import json
+
+    runs = []
+    for round_, plain, aiva, stages in rows:
+        clustering = sum(stages.values())
+        runs.append(
+            {
+                "round": round_,
+                "plain_wall_s": plain,
+                "aiva_wall_s": aiva,
+                "clustering_s": clustering,
+                "stages_s": stages,
+                "plain_steps_per_s": iterations / plain,
+                "aiva_steps_per_s_training_only": iterations / (aiva - clustering),
+                "aiva_steps_per_s": iterations / aiva,
+                "aiva_over_plain": plain / aiva,
+                "aiva_over_plain_training_only": (aiva - clustering) and plain / (aiva - clustering),
+                "clustering_share": clustering / aiva,
+            }
+        )
+    settings = {k: getattr(args, k) for k in ("size", "slices", "batch", "workers", "amp", "embed_batch")}
+    record = {"device": device, "device_name": name, "iterations": iterations, **settings, "runs": runs}
+    with open(args.json, "w") as handle:
+        json.dump(record, handle, indent=1)
 
 
 def sync(device) -> None:
@@ -139,6 +166,8 @@ def main() -> None:
     parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
     parser.add_argument("--rounds", type=int, default=1, help="plain/AIVA pairs, alternated")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each loop first")
+    parser.add_argument("--tsne-method", default="opentsne", choices=["opentsne", "sklearn"], help="(tests: sklearn)")
+    parser.add_argument("--json", default=None, help="also write every number here (for benchmarks/gpu/summary.py)")
     args = parser.parse_args()
 
     import torch
@@ -208,6 +237,8 @@ def main() -> None:
         f"plain {rows[-1][1] and args.batch * iterations / rows[-1][1]:.1f},"
         f" AIVA {2 * args.batch * iterations / (rows[-1][2] - sum(rows[-1][3].values())):.1f}"
     )
+    if args.json:
+        write_json(args, str(device), name, iterations, rows)
     if device.type == "cuda":
         try:
             print(

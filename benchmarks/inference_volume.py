@@ -43,6 +43,7 @@ def main() -> None:
         "--repeats", type=int, default=2, help="bundle runs on the same volume (the first includes warm-up)"
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--json", default=None, help="also write every number here (for benchmarks/gpu/summary.py)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
 
@@ -104,6 +105,12 @@ def main() -> None:
     print("|---|---|---|---|")
     for repeat, wall, case_time, status in rows:
         print(f"| {repeat} | {wall:.2f} | {case_time:.2f} | {status} |")
+    if args.json:
+        import json
+
+        runs = [{"run": r, "bundle_wall_s": w, "case_s": c, "status": s} for r, w, c, s in rows]
+        record = {"device": device, "device_name": name, "shape": args.shape, "imports_s": imports, "runs": runs}
+        Path(args.json).write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

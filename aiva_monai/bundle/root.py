@@ -7,8 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-import jsonschema
-
 __all__ = ["REPOSITORY", "config_file_folders", "locate_bundle_root", "verify_metadata"]
 
 # the checkout above this package (an editable install); a wheel install has no bundles here
@@ -51,6 +49,8 @@ def locate_bundle_root(name: str) -> str:
 
 def verify_metadata(meta_file, schema_file=REPOSITORY / "bundles" / "schema" / "meta_schema.json") -> None:
     """Validate a bundle's metadata.json against the schema shipped in this repository (offline)."""
+    import jsonschema  # noqa: PLC0415  (only the metadata check needs it, not a bundle run)
+
     meta = json.loads(Path(meta_file).read_text())
     schema = json.loads(Path(schema_file).read_text())
     jsonschema.validate(meta, schema)

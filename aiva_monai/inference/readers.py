@@ -6,13 +6,16 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
 import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
+
+if TYPE_CHECKING:
+    import SimpleITK
 
 __all__ = [
     "read_scan",
@@ -35,6 +38,8 @@ SHEAR_TOLERANCE_DEGREES = 0.1
 
 def dicom_series_files(folder: str | Path, series: str = "") -> list[str]:
     """The files of one DICOM series in ``folder``, in GDCM's slice order."""
+    import SimpleITK as sitk  # noqa: PLC0415  (only DICOM inputs need it: NIfTI runs go without its 50 MB)
+
     return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series or ""))
 
 
@@ -42,7 +47,7 @@ def _floats(text: str) -> np.ndarray:
     return np.asarray([float(v) for v in text.replace(" ", "").split("\\") if v != ""], dtype=np.float64)
 
 
-def _check_slices(path, files: list[str], reader: sitk.ImageSeriesReader) -> None:
+def _check_slices(path, files: list[str], reader: SimpleITK.ImageSeriesReader) -> None:
     """Slices of one series: same orientation and size, evenly spaced along the slice normal, no duplicates.
 
     Raises ValueError naming the folder, the files and the gap: ITK would make the grid uniform in silence
@@ -95,6 +100,8 @@ def read_dicom_series(folder: str | Path, series: str = "") -> tuple[np.ndarray,
     files = dicom_series_files(folder, series)
     if not files:
         raise ValueError(f"{folder}: no DICOM series {series!r} in this folder.")
+    import SimpleITK as sitk  # noqa: PLC0415  (only DICOM inputs need it)
+
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()

@@ -11,8 +11,6 @@ import logging
 import os
 from pathlib import Path
 
-import SimpleITK as sitk
-
 __all__ = ["find_scans", "case_name", "dicom_series_ids", "NIFTI_SUFFIXES"]
 
 logger = logging.getLogger(__name__)
@@ -37,6 +35,8 @@ def dicom_series_ids(folder: Path) -> list[str]:
     """The DICOM series (SeriesInstanceUID) of the files directly in ``folder`` (GDCM), [] if none."""
     if not any(p.is_file() and not _is_nifti_name(p.name) and not p.name.startswith(".") for p in folder.iterdir()):
         return []
+    import SimpleITK as sitk  # noqa: PLC0415  (only folders with DICOM files need it)
+
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns on every folder without a series
     try:
