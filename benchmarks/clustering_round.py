@@ -466,6 +466,12 @@ def main() -> None:
     parser.add_argument("--amp", action="store_true", help="CUDA mixed precision for the embedding pass")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the issue's setting: 1)")
     parser.add_argument("--tsne-jobs", type=int, default=1, help="openTSNE threads (n_jobs)")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="the new round's embedding-pass precision (ClusteringSettings.precision; auto: float32 on the CPU)",
+    )
     parser.add_argument("--batch", type=int, default=32, help="embedding batch")
     parser.add_argument("--speed-slices", type=int, default=512)
     parser.add_argument("--speed-repeats", type=int, default=3)
@@ -522,12 +528,13 @@ def main() -> None:
         torch.load(REPOSITORY / "bundles" / "aiva_brain" / "models" / "model.pt", map_location="cpu", weights_only=True)
     )
     network.to(args.device)
-    new = ClusteringSettings(batch_size=args.batch, n_jobs=args.tsne_jobs)
-    today = new.replace(**TODAY)
+    new = ClusteringSettings(batch_size=args.batch, n_jobs=args.tsne_jobs, precision=args.precision)
+    today = new.replace(**TODAY, precision="auto")
     report = {
         "machine": f"{os.cpu_count()} CPUs, load average at start {load[0]:.1f}",
         "threads": args.threads,
         "tsne_jobs": args.tsne_jobs,
+        "precision": args.precision,
         "device": args.device,
         "n_source": len(source),
         "n_target": len(target),
@@ -593,7 +600,8 @@ def main() -> None:
 
     print(
         f"\n## IXI-HH, bundle geometry: {len(source)} + {len(target)} slices of 128 x 128; device {args.device}; "
-        f"{args.threads} torch thread(s), openTSNE n_jobs {args.tsne_jobs}; {report['machine']}, "
+        f"{args.threads} torch thread(s), openTSNE n_jobs {args.tsne_jobs}; new round's precision {args.precision}; "
+        f"{report['machine']}, "
         f"at the end {report['load_average_end']:.1f}\n"
     )
     full = speed["full forward (today)"]
