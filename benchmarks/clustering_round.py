@@ -633,7 +633,7 @@ def main() -> None:
         a, name = report["precision_agreement"], f"new, {args.compare_precision}"
         ratio = report["rounds"]["new"]["wall"] / report["rounds"][name]["wall"]
         print(
-            f"\n{name} vs new (float32): {ratio:.1f} x faster end to end; "
+            f"\n{name} vs new ({new.precision}): {ratio:.1f} x faster end to end; "
             f"ARI target clusters {a['ari_target']:.3f}, source clusters {a['ari_source']:.3f}; "
             f"matched pairs that correspond: {a['matches_agreeing']}/12"
         )
