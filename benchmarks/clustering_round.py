@@ -207,14 +207,12 @@ def agreement(new, old, k=12) -> dict:
     }
 
 
-def planted(settings_today, settings_new, seed: int = 0, strides=()) -> list[dict]:
+def planted_features(seed: int, k: int = 12, per_mode: int = 100, n_features: int = 4096):
+    """(source (k * per_mode, n_features), target (same), source_modes, target_modes, rng): k planted modes per
+    site, the target scaled by 1.3 and shifted (a scanner change); ``rng`` continues the same random stream."""
     import numpy as np
-    from sklearn.metrics import adjusted_rand_score
-
-    from aiva_monai.clustering import cluster_sites
 
     rng = np.random.default_rng(seed)
-    k, per_mode, n_features = 12, 100, 4096
     modes = rng.normal(size=(k, n_features))
     source_modes = np.repeat(np.arange(k), per_mode)
     target_modes = rng.permutation(source_modes)
@@ -222,6 +220,17 @@ def planted(settings_today, settings_new, seed: int = 0, strides=()) -> list[dic
     target = (
         1.3 * (modes[target_modes] + rng.normal(size=(k * per_mode, n_features))) + 0.3 * rng.normal(size=n_features)
     ).astype(np.float32)
+    return source, target, source_modes, target_modes, rng
+
+
+def planted(settings_today, settings_new, seed: int = 0, strides=()) -> list[dict]:
+    import numpy as np
+    from sklearn.metrics import adjusted_rand_score
+
+    from aiva_monai.clustering import cluster_sites
+
+    k = 12
+    source, target, source_modes, target_modes, rng = planted_features(seed, k)
     rows = []
     results = {}
 
@@ -263,7 +272,7 @@ def planted(settings_today, settings_new, seed: int = 0, strides=()) -> list[dic
 
     from aiva_monai.clustering import FeatureProjector, cluster_sketches
 
-    projector = FeatureProjector(n_features, settings_new.sketch_dim, settings_new.seed)
+    projector = FeatureProjector(source.shape[1], settings_new.sketch_dim, settings_new.seed)
     sketch = lambda x: projector(torch.from_numpy(x)).numpy()  # noqa: E731
     warm = cluster_sketches(
         sketch(moved),

@@ -1,7 +1,7 @@
 """Does AIVA's cluster matching find the true pairs on planted structure, and does it depend on openTSNE's threads?
 
-Plants 12 modes (100 slices each per site, 4,096 features; the target scaled by 1.3 and shifted, as in
-``clustering_round.py``'s planted section), runs ``cluster_sites`` with the default settings and each
+Plants 12 modes (``clustering_round.planted_features``: 100 slices each per site, 4,096 features, the target
+scaled by 1.3 and shifted), runs ``cluster_sites`` with the default settings and each
 ``n_jobs``, and counts the matched pairs that are true mode pairs two ways on the *same* clusters:
 
 - ``t-SNE map``: what AIVA does (the paper's step 4): Hungarian matching of the k-means centres in the 2D t-SNE map;
@@ -20,29 +20,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def planted(seed: int, k: int = 12, per_mode: int = 100, n_features: int = 4096):
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    modes = rng.normal(size=(k, n_features))
-    source_modes = np.repeat(np.arange(k), per_mode)
-    target_modes = rng.permutation(source_modes)
-    source = (modes[source_modes] + rng.normal(size=(k * per_mode, n_features))).astype(np.float32)
-    target = (
-        1.3 * (modes[target_modes] + rng.normal(size=(k * per_mode, n_features))) + 0.3 * rng.normal(size=n_features)
-    ).astype(np.float32)
-    return source, target, source_modes, target_modes
-
-
 def centre_match(source_points, target_points, source_labels, target_labels, k: int):
-    """(k,) source cluster matched to each target cluster: Hungarian on squared distances of the centres."""
+    """(k,) source cluster matched to each target cluster, on the clusters' centres in these points' space."""
     import numpy as np
-    from scipy.optimize import linear_sum_assignment
+
+    from aiva_monai.alignment import match_clusters
 
     source_centres = np.stack([source_points[source_labels == j].mean(0) for j in range(k)])
     target_centres = np.stack([target_points[target_labels == i].mean(0) for i in range(k)])
-    _, match = linear_sum_assignment(((target_centres[:, None] - source_centres[None]) ** 2).sum(-1))
-    return match
+    return match_clusters(source_centres, target_centres)
 
 
 def main() -> None:
@@ -52,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import numpy as np
-    from clustering_round import correspondence
+    from clustering_round import correspondence, planted_features
     from sklearn.decomposition import PCA
     from sklearn.metrics import adjusted_rand_score
 
@@ -62,7 +48,7 @@ def main() -> None:
     print("| planted seed | openTSNE threads | ARI source / target vs truth | right pairs, t-SNE map (AIVA) |", end="")
     print(" right pairs, PCA space (same clusters) | seconds |\n|---|---|---|---|---|---|")
     for seed in args.seeds:
-        source, target, source_modes, target_modes = planted(seed, k)
+        source, target, source_modes, target_modes, _ = planted_features(seed, k)
         reduced = PCA(n_components=20, random_state=0).fit_transform(np.concatenate([source, target]))
         for jobs in args.jobs:
             start = time.perf_counter()
