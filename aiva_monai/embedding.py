@@ -44,6 +44,7 @@ from aiva_monai.network_pass import (
     distributed_context,
     features_shape,
     iterate_features,
+    pass_dtype,
 )
 from aiva_monai.networks import BottleneckTap
 from aiva_monai.progress import RoundProgress
@@ -118,6 +119,7 @@ def embed_sites(
     source_rows = getattr(source_dataset, "rows", None)
     n_total = len(source_dataset) + len(target_dataset)
     detail = "encoder only" if settings.encoder_only else "full network"
+    detail += ", " + pass_dtype(network_pass.device, settings.precision, network_pass.amp, network_pass.amp_kwargs)
     if source_rows is not None:
         detail += f", 1 in {settings.source_stride} of {len(all_source)} source slices"
     if progress is not None:

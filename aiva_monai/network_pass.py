@@ -25,6 +25,8 @@ __all__ = [
     "distributed_context",
     "EvalMode",
     "features_shape",
+    "cpu_has_native_bfloat16",
+    "pass_dtype",
 ]
 
 
@@ -93,8 +95,38 @@ def _batch_shard(n: int, batch_size: int, rank: int, world_size: int) -> list[li
     return batches[rank::world_size]
 
 
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 matrix instructions (AMX-BF16 or AVX512-BF16). With them oneDNN's
+    bfloat16 convolutions are faster than float32 ones (3 x with AMX on the bundle's encoder,
+    benchmarks/README.md); without them bfloat16 is emulated and slower than float32."""
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if get_capabilities is None or not torch.backends.mkldnn.is_available():
+        return False
+    capabilities = get_capabilities()
+    return bool(capabilities.get("amx_bf16") or capabilities.get("avx512_bf16"))
+
+
+def pass_dtype(device, precision: str, amp: bool = False, amp_kwargs: dict | None = None) -> str:
+    """The dtype a pass with ``settings.precision == precision`` computes in on ``device``: "float32",
+    "bfloat16" or "float16" ("auto": the autocast dtype when ``amp``, else float32; "cpu_bfloat16":
+    bfloat16 on a CPU with ``cpu_has_native_bfloat16``, else as "auto")."""
+    device_type = torch.device(device).type
+    if precision == "cpu_bfloat16":
+        if device_type == "cpu" and cpu_has_native_bfloat16():
+            return "bfloat16"
+        precision = "auto"
+    if precision == "auto":
+        if not amp:
+            return "float32"
+        dtype = (amp_kwargs or {}).get("dtype") or torch.get_autocast_dtype(device_type)
+        return str(dtype).removeprefix("torch.")
+    return precision
+
+
 def _autocast(device, precision: str, amp: bool, amp_kwargs):
     device_type = torch.device(device).type
+    if precision == "cpu_bfloat16":
+        precision = "bfloat16" if pass_dtype(device, precision) == "bfloat16" else "auto"
     if precision == "auto":
         return torch.autocast(device_type, enabled=bool(amp), **(amp_kwargs or {}))
     if precision == "float32":

@@ -9,8 +9,9 @@ Side by side in one process, on the same slices and the same network (the shippe
    silence between two log lines:
    - "today": full network, source means by a second pass, openTSNE's default schedule (250 + 500
      iterations) = ``encoder_only=False, channels_last=False, source_means="second_pass", tsne_iter=500``;
-   - "new": the defaults of ``ClusteringSettings`` (encoder only, channels-last, one pass with a float16
-     feature store, 250 + 250 t-SNE iterations);
+   - "new": the brain bundle's CPU settings: ``ClusteringSettings``'s defaults (encoder only, channels-last,
+     one pass with a float16 feature store, 250 + 250 t-SNE iterations), batch 8 and ``precision="cpu_bfloat16"``
+     (``--batch``, ``--precision``; ``--compare-precision float32`` adds the new round in float32 beside it);
    and how well they agree: adjusted Rand index of the target clusters and of the source clusters, and
    whether matched clusters correspond (each new cluster mapped to the today cluster holding most of its
    slices);
@@ -52,7 +53,8 @@ from pathlib import Path
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY))
 
-TODAY = dict(encoder_only=False, channels_last=False, source_means="second_pass", tsne_iter=500)
+# the round before issue 14, with the brain bundle's CPU embedding batch of then
+TODAY = dict(encoder_only=False, channels_last=False, source_means="second_pass", tsne_iter=500, batch_size=16)
 
 
 class Silences(logging.Handler):
@@ -477,11 +479,12 @@ def main() -> None:
     parser.add_argument("--tsne-jobs", type=int, default=1, help="openTSNE threads (n_jobs)")
     parser.add_argument(
         "--precision",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="the new round's embedding-pass precision (ClusteringSettings.precision; auto: float32 on the CPU)",
+        default="cpu_bfloat16",
+        choices=["auto", "cpu_bfloat16", "float32", "bfloat16", "float16"],
+        help="the new round's embedding-pass precision (ClusteringSettings.precision; default: the brain "
+        "bundle's, bfloat16 on a CPU with bfloat16 instructions)",
     )
-    parser.add_argument("--batch", type=int, default=32, help="embedding batch")
+    parser.add_argument("--batch", type=int, default=8, help="the new round's embedding batch (the bundle's CPU one)")
     parser.add_argument("--speed-slices", type=int, default=512)
     parser.add_argument("--speed-repeats", type=int, default=3)
     parser.add_argument("--skip-today", action="store_true", help="only the new round (no comparison)")
@@ -522,6 +525,7 @@ def main() -> None:
     logging.getLogger("aiva_monai").addHandler(silences)
 
     from aiva_monai.clustering import ClusteringSettings
+    from aiva_monai.network_pass import pass_dtype
     from aiva_monai.networks import PreActResUNet
 
     load = os.getloadavg()
@@ -543,7 +547,7 @@ def main() -> None:
         "machine": f"{os.cpu_count()} CPUs, load average at start {load[0]:.1f}",
         "threads": args.threads,
         "tsne_jobs": args.tsne_jobs,
-        "precision": args.precision,
+        "precision": f"{args.precision} ({pass_dtype(args.device, args.precision, args.amp)})",
         "device": args.device,
         "n_source": len(source),
         "n_target": len(target),
@@ -581,6 +585,8 @@ def main() -> None:
         )
         report["rounds"][name] = {**{k: float(v) for k, v in rounds[name][0].timings.items()}, **rounds[name][1]}
         report["precision_agreement"] = agreement(rounds[name][0], rounds["new"][0])
+        if "today" in rounds:
+            report["precision_vs_today"] = agreement(rounds[name][0], rounds["today"][0])
     for stride in args.compare_source_stride:
         name = f"new, 1 in {stride} source slices"
         rounds[name] = one_round(
@@ -609,7 +615,8 @@ def main() -> None:
 
     print(
         f"\n## IXI-HH, bundle geometry: {len(source)} + {len(target)} slices of 128 x 128; device {args.device}; "
-        f"{args.threads} torch thread(s), openTSNE n_jobs {args.tsne_jobs}; new round's precision {args.precision}; "
+        f"{args.threads} torch thread(s), openTSNE n_jobs {args.tsne_jobs}; "
+        f"new round's precision {report['precision']}, batch {args.batch}; "
         f"{report['machine']}, "
         f"at the end {report['load_average_end']:.1f}\n"
     )
@@ -646,6 +653,12 @@ def main() -> None:
             f"ARI target clusters {a['ari_target']:.3f}, source clusters {a['ari_source']:.3f}; "
             f"matched pairs that correspond: {a['matches_agreeing']}/12"
         )
+        if "precision_vs_today" in report:
+            a = report["precision_vs_today"]
+            print(
+                f"\n{name} vs today: ARI target clusters {a['ari_target']:.3f}, source clusters "
+                f"{a['ari_source']:.3f}; matched pairs that correspond: {a['matches_agreeing']}/12"
+            )
     for name, comparisons in report.get("stride_agreement", {}).items():
         for other, a in comparisons.items():
             ratio = report["rounds"][other.removeprefix("vs ")]["wall"] / report["rounds"][name]["wall"]

@@ -18,7 +18,7 @@ SOURCE_MEANS = ("store", "second_pass")
 STORE_DTYPES = ("float16", "float32")
 
 
-PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+PRECISIONS = ("auto", "cpu_bfloat16", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -35,9 +35,12 @@ class ClusteringSettings:
             False runs the full network (the decoder's output is discarded), as before issue 14.
         channels_last: run the encoder's activations in channels-last memory format (faster
             convolutions on CPU and with AMP; features equal up to float rounding).
-        precision: "auto" (the trainer's AMP setting, as before), "float32", "bfloat16" or "float16"
-            (autocast for the embedding pass only; bfloat16 halves the CPU cost on CPUs with
-            bfloat16 instructions at about 1 % relative error in the features).
+        precision: "auto" (the trainer's AMP setting, as before), "cpu_bfloat16" (bfloat16 on a CPU with
+            bfloat16 instructions, AMX-BF16 or AVX512-BF16; elsewhere as "auto": the bundles' default),
+            "float32", "bfloat16" or "float16" (autocast for the embedding pass only). bfloat16 cuts the
+            pass's CPU cost 3 x with AMX at about 1 % relative error in the features; AIVA's adaptation
+            with it was not worse over 3 seeds (docs/experiments/ixi_sim_1000_bf16). The dtype used is
+            logged with the round (``network_pass.pass_dtype``).
         source_stride: embed and cluster every ``source_stride``-th source slice (positions 0, s, 2s, ... of
             the source dataset; 1: all; opt-in, not recommended: at 4 the clusters agree poorly with the full
             round's, benchmarks/README.md). Neighbouring slices are nearly the same image, so the source

@@ -17,7 +17,7 @@ from aiva_monai.handlers.background import background_executor
 from aiva_monai.handlers.clustering_state import clustering_from_state, clustering_to_state
 from aiva_monai.handlers.site_counts import per_group_cluster_counts, source_slice_groups
 from aiva_monai.io import write_csv_atomic
-from aiva_monai.network_pass import NetworkPass, distributed_context
+from aiva_monai.network_pass import NetworkPass, distributed_context, pass_dtype
 from aiva_monai.progress import RoundProgress
 
 
@@ -109,6 +109,7 @@ class AIVAClusteringHandler:
         self._executor = None
         self._reported = 0
         self._device = "cpu"
+        self._embed_dtype: str | None = None
 
     def attach(self, engine: Engine) -> None:
         if not hasattr(engine, "bottleneck_tap"):
@@ -159,9 +160,14 @@ class AIVAClusteringHandler:
     # -- the clustering round -------------------------------------------------------------------
 
     def _network_pass(self, engine: Engine) -> NetworkPass:
-        return dataclasses.replace(
+        network_pass = dataclasses.replace(
             self.network_pass, device=engine.state.device, amp=engine.amp, amp_kwargs=engine.amp_kwargs
         )
+        # what "auto" / "cpu_bfloat16" mean on this engine, for the round's stats row
+        self._embed_dtype = pass_dtype(
+            network_pass.device, self.settings.precision, network_pass.amp, network_pass.amp_kwargs
+        )
+        return network_pass
 
     def _settings_for(self, engine: Engine) -> ClusteringSettings:
         settings = self.settings
@@ -207,6 +213,7 @@ class AIVAClusteringHandler:
             "target_cluster_min": int(result.target_sizes.min()),
             "target_cluster_max": int(result.target_sizes.max()),
             "tsne_warm_started": bool(result.warm_started),
+            "embed_dtype": self._embed_dtype,
             **{f"time_{stage}": float(seconds) for stage, seconds in result.timings.items()},
         }
         if self.source_groups is not None and len(set(self.source_groups)) > 1:
