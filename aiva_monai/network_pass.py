@@ -15,7 +15,7 @@ from monai.data import DataLoader
 from aiva_monai.clustering import (
     ClusteringSettings,
 )
-from aiva_monai.networks import BottleneckTap, _unwrap, encode
+from aiva_monai.networks import BottleneckTap, _unwrap, encode, fold_batchnorm
 
 __all__ = [
     "NetworkPass",
@@ -106,6 +106,12 @@ def cpu_has_native_bfloat16() -> bool:
     return bool(capabilities.get("amx_bf16") or capabilities.get("avx512_bf16"))
 
 
+def _default_autocast_dtype(device_type: str) -> torch.dtype:
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        return torch.get_autocast_dtype(device_type)
+    return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
+
+
 def pass_dtype(device, precision: str, amp: bool = False, amp_kwargs: dict | None = None) -> str:
     """The dtype a pass with ``settings.precision == precision`` computes in on ``device``: "float32",
     "bfloat16" or "float16" ("auto": the autocast dtype when ``amp``, else float32; "cpu_bfloat16":
@@ -118,7 +124,7 @@ def pass_dtype(device, precision: str, amp: bool = False, amp_kwargs: dict | Non
     if precision == "auto":
         if not amp:
             return "float32"
-        dtype = (amp_kwargs or {}).get("dtype") or torch.get_autocast_dtype(device_type)
+        dtype = (amp_kwargs or {}).get("dtype") or _default_autocast_dtype(device_type)
         return str(dtype).removeprefix("torch.")
     return precision
 
@@ -150,7 +156,8 @@ def iterate_features(
 
     The caller sets eval mode and disables gradients. Batches of ``settings.batch_size``, in
     ``settings.precision``. With ``settings.encoder_only`` only the encoder runs
-    (``networks.encode`` up to ``tap.module_name``); otherwise the full network runs and ``tap`` records
+    (``networks.encode`` up to ``tap.module_name``; of a ``networks.fold_batchnorm`` copy made at the start
+    when ``settings.fold_batchnorm``); otherwise the full network runs and ``tap`` records
     the bottleneck. Samples carrying ``index_key`` must carry their own position (checked), so cluster
     ids can later be looked up by that index. With ``world_size`` > 1 only the batches ``rank``,
     ``rank + world_size``, ... are run (the same batches as in one process). ``on_batch(B)`` is called
@@ -166,6 +173,8 @@ def iterate_features(
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
         starts = None
     module_name = tap.module_name if tap is not None else None
+    if settings.encoder_only and settings.fold_batchnorm:
+        network = fold_batchnorm(network)  # here, inside the caller's site context: its statistics are folded
     position = 0
     for number, batch in enumerate(loader):
         if starts is not None:

@@ -15,6 +15,7 @@ residual U-Net (BatchNorm, 16/32/64/128 channels, 3 down-samplings, additive ski
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -23,7 +24,7 @@ from monai.networks.layers import SkipConnection
 from monai.networks.nets import BasicUNet, DynUNet, UNet
 from torch import nn
 
-__all__ = ["PreActResUNet", "BottleneckTap", "find_bottleneck", "encode", "encoder_stages"]
+__all__ = ["PreActResUNet", "BottleneckTap", "find_bottleneck", "encode", "encoder_stages", "fold_batchnorm"]
 
 
 def _unwrap(network: nn.Module) -> nn.Module:
@@ -324,3 +325,52 @@ def encode(
             x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
         x = stage(x)
     return x
+
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class _Folded(nn.Identity):
+    """Where a BatchNorm was, after ``fold_batchnorm`` moved it into the convolution before it."""
+
+
+def _edge(parent: nn.Module, name: str, last: bool) -> tuple[nn.Module, str, nn.Module]:
+    # the module run last (first) by parent.name, looking only through nn.Sequential, whose order is its forward
+    module = parent._modules[name]
+    while isinstance(module, nn.Sequential) and len(module) > 0:
+        parent, name = module, list(module._modules)[-1 if last else 0]
+        module = module._modules[name]
+    return parent, name, module
+
+
+def fold_batchnorm(network: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``network`` computing the same function with fewer passes over memory.
+
+    Every BatchNorm that directly follows a convolution in an ``nn.Sequential`` chain (MONAI's
+    ``Convolution`` / ``ADN``, the second pre-activation of each ``PreActResUNet`` block) is folded into the
+    convolution's weights and bias with its running statistics, and each ReLU right after a BatchNorm (or
+    a folded one) runs in place on that fresh tensor. The result equals the original's in eval mode up to
+    float rounding. About 1.2 x faster encoder passes on CPU (benchmarks/README.md). Only for inference:
+    the copy's folded layers no longer see BatchNorm statistics change. ``network`` is not modified.
+    """
+    folded = copy.deepcopy(_unwrap(network)).eval()
+    for sequential in [m for m in folded.modules() if isinstance(m, nn.Sequential)]:
+        names = list(sequential._modules)
+        for before, after in zip(names, names[1:]):
+            conv_parent, conv_name, conv = _edge(sequential, before, last=True)
+            norm_parent, norm_name, norm = _edge(sequential, after, last=False)
+            if (
+                isinstance(conv, _CONVS)
+                and isinstance(norm, _BATCHNORMS)
+                and norm.running_mean is not None
+                and norm.running_var is not None
+            ):
+                conv_parent._modules[conv_name] = nn.utils.fusion.fuse_conv_bn_eval(conv, norm)
+                norm_parent._modules[norm_name] = _Folded()
+    for sequential in [m for m in folded.modules() if isinstance(m, nn.Sequential)]:
+        children = list(sequential.children())
+        for before, after in zip(children, children[1:]):
+            if isinstance(after, nn.ReLU) and isinstance(before, (*_BATCHNORMS, _Folded)):
+                after.inplace = True  # its input is the BatchNorm's (or the folded convolution's) own output
+    return folded

@@ -147,6 +147,7 @@ def test_round_times_go_to_the_metrics_and_the_stats_file(sites, tmp_path):
     assert seen[3]["aiva_time_embed"] == handler.history[1]["time_embed"]
     rows = list(csv.DictReader(stats.open()))
     assert [int(r["epoch"]) for r in rows] == [1, 3] and float(rows[1]["time_tsne"]) == handler.history[1]["time_tsne"]
+    assert [r["embed_dtype"] for r in rows] == ["float32", "float32"]  # the pass's dtype: no AMP, "auto"
 
 
 def overlap_run(sites, epochs=4):

@@ -30,11 +30,16 @@ class ClusteringSettings:
     ``settings.replace(name=value)`` returns a modified copy.
 
     Embedding pass (``aiva_monai.embedding``):
-        batch_size: slices per network batch.
+        batch_size: slices per network batch (on a CPU small batches are faster, as their activations stay in
+            cache: the bundles use 8 there, 64 on a GPU).
         encoder_only: run only the encoder up to the bottleneck (``aiva_monai.networks.encode``);
             False runs the full network (the decoder's output is discarded), as before issue 14.
         channels_last: run the encoder's activations in channels-last memory format (faster
             convolutions on CPU and with AMP; features equal up to float rounding).
+        fold_batchnorm: with ``encoder_only``, run an eval-mode copy of the network whose BatchNorms that
+            follow a convolution are folded into it (``networks.fold_batchnorm``; made inside each site's
+            context, so per-site statistics are folded; 1.2 x faster on CPU; features equal up to float
+            rounding).
         precision: "auto" (the trainer's AMP setting, as before), "cpu_bfloat16" (bfloat16 on a CPU with
             bfloat16 instructions, AMX-BF16 or AVX512-BF16; elsewhere as "auto": the bundles' default),
             "float32", "bfloat16" or "float16" (autocast for the embedding pass only). bfloat16 cuts the
@@ -91,6 +96,7 @@ class ClusteringSettings:
     batch_size: int = 32
     encoder_only: bool = True
     channels_last: bool = True
+    fold_batchnorm: bool = True
     precision: str = "auto"
     source_stride: int = 1
     source_means: str = "store"
