@@ -73,13 +73,15 @@ def test_one_encoder_pass_gives_todays_round_exactly(setup):
     assert set(new.timings) == {"embed", "pca", "tsne", "kmeans", "match", "means"}
     assert network.training  # mode restored
 
-    half = run(setup, dict(channels_last=False))  # float16 store (default)
+    half = run(setup, dict(channels_last=False, fold_batchnorm=False))  # float16 store (default)
     np.testing.assert_array_equal(half.target_labels, today.target_labels)
     torch.testing.assert_close(half.source_means, today.source_means, rtol=2e-3, atol=1e-4)
-    on_disk = run(setup, dict(channels_last=False, store_memory_mb=0))
+    on_disk = run(setup, dict(channels_last=False, fold_batchnorm=False, store_memory_mb=0))
     assert torch.equal(on_disk.source_means, half.source_means)  # where the rows live changes nothing
-    fast = run(setup, {})  # the defaults: channels-last too
+    fast = run(setup, dict(fold_batchnorm=False))  # channels-last too
     np.testing.assert_array_equal(fast.target_labels, today.target_labels)
+    # the defaults also fold BatchNorm (tests/test_fold_batchnorm.py): features equal to ~1e-7 relative, which t-SNE on
+    # these 70 toy slices amplifies into other clusters (ARI 0.16 here), so no label comparison for them
 
 
 def test_site_context_wraps_each_sites_pass_in_eval_mode(setup):
