@@ -4,7 +4,8 @@ Side by side in one process, on the same slices and the same network (the shippe
 ``bundles/aiva_brain/models/model.pt``), with the bundle's preprocessing (2 mm, 128 x 128 sagittal slices):
 
 1. embedding speed: the full forward (what the round ran before issue 14) vs the encoder only
-   (``networks.encode``), plain and channels-last, interleaved on the same batches; ms per slice;
+   (``networks.encode``), plain, channels-last, with BatchNorm folded (``fold_batchnorm``) and that in bfloat16,
+   interleaved on the same batches; ms per slice;
 2. one round each way (``embed_and_cluster``), seconds per stage, peak extra memory, and the longest
    silence between two log lines:
    - "today": full network, source means by a second pass, openTSNE's default schedule (250 + 500
@@ -126,14 +127,22 @@ def datasets(args):
 def embedding_speed(network, source, device, batch: int, slices: int, repeats: int) -> dict:
     import torch
 
-    from aiva_monai.networks import BottleneckTap, encode
+    from aiva_monai.networks import BottleneckTap, encode, fold_batchnorm
 
     images = torch.stack([source[i]["image"] for i in range(min(slices, len(source)))]).to(device)
     tap = BottleneckTap(network)
+    folded = fold_batchnorm(network)
+
+    def bfloat16(x):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            return encode(folded, x, channels_last=True)
+
     ways = {
         "full forward (today)": lambda x: (network(x), tap.features)[1],
         "encoder only": lambda x: encode(network, x),
         "encoder only, channels-last": lambda x: encode(network, x, channels_last=True),
+        "encoder only, channels-last, BatchNorm folded": lambda x: encode(folded, x, channels_last=True),
+        "the same in bfloat16 autocast": bfloat16,
     }
     times = {name: [] for name in ways}
     network.eval()
@@ -141,7 +150,7 @@ def embedding_speed(network, source, device, batch: int, slices: int, repeats: i
         for name, way in ways.items():  # warm-up
             way(images[:batch])
         for _ in range(repeats):
-            for name, way in ways.items():  # interleaved: the same load on all three
+            for name, way in ways.items():  # interleaved: the same load on all of them
                 sync(device)
                 start = time.perf_counter()
                 for begin in range(0, len(images), batch):
