@@ -16,6 +16,7 @@ ALLOWED = {
     "train.json": {
         "_desc_",
         "bundle_root",
+        "cluster_options#precision",  # brain: cpu_bfloat16 (3-seed ixi-sim evidence); prostate: auto (none)
         "context_slices",
         "datalist_file",
         "demo_report",
