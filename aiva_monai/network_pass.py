@@ -174,7 +174,7 @@ def iterate_features(
         starts = None
     module_name = tap.module_name if tap is not None else None
     if settings.encoder_only and settings.fold_batchnorm:
-        network = fold_batchnorm(network)  # here, inside the caller's site context: its statistics are folded
+        network = fold_batchnorm(network, module_name)  # inside the caller's site context: its statistics fold
     position = 0
     for number, batch in enumerate(loader):
         if starts is not None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from aiva_monai import network_pass as network_pass_module
 from aiva_monai.clustering import ClusteringSettings
 from aiva_monai.network_pass import NetworkPass, iterate_features
 from aiva_monai.networks import PreActResUNet, encode, fold_batchnorm
@@ -72,7 +73,34 @@ def test_a_relu_that_could_overwrite_a_shared_input_stays_out_of_place():
         assert torch.allclose(folded(images), network(images), atol=1e-5)
 
 
-def test_the_pass_folds_inside_the_site_context():
+def test_containers_that_are_not_plain_chains_are_left_as_they_are():
+    from monai.networks.blocks import DenseBlock
+
+    class Gate(nn.Sequential):  # a Sequential subclass whose forward reuses an intermediate tensor
+        def forward(self, x):
+            y = self[0](x)
+            return self[1](y) + y
+
+    dense = DenseBlock([nn.Conv2d(4, 4, 3, padding=1), nn.Sequential(nn.BatchNorm2d(8), nn.ReLU())])
+    gated = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), Gate(nn.BatchNorm2d(4), nn.ReLU()))
+    for network in (with_statistics(dense), with_statistics(gated)):
+        images = torch.randn(2, 4, 8, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(fold_batchnorm(network)(images), network(images))
+
+
+def test_no_fold_crosses_the_tapped_modules_boundary():
+    network = with_statistics(
+        nn.Sequential(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1)), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    )
+    images = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        expected = encode(network, images, "0")
+        torch.testing.assert_close(encode(fold_batchnorm(network, "0"), images, "0"), expected)
+        assert not torch.allclose(encode(fold_batchnorm(network), images, "0"), expected)  # it would have
+
+
+def test_the_pass_folds_inside_the_site_context(monkeypatch):
     torch.manual_seed(0)
     network = with_statistics(PreActResUNet(channels=(4, 8, 16), blocks_per_level=1))
     folded_norm = network.encoder[0][1][0].body[2][0]  # a norm that fold_batchnorm folds
@@ -92,7 +120,15 @@ def test_the_pass_folds_inside_the_site_context():
         with torch.no_grad(), shifted_statistics():
             return torch.cat([f for f, _ in iterate_features(network, None, images, NetworkPass(), settings)]).numpy()
 
+    seen = []
+
+    def spy(network, module_name=None):
+        seen.append(float(folded_norm.running_mean[0]))  # the statistics in force when the copy is made
+        return fold_batchnorm(network, module_name)
+
+    monkeypatch.setattr(network_pass_module, "fold_batchnorm", spy)
     plain, folded = features(False), features(True)
+    assert seen == pytest.approx([float(folded_norm.running_mean[0]) + 5.0])  # once, inside the shifted context
     np.testing.assert_allclose(folded, plain, rtol=1e-4, atol=1e-4 * np.abs(plain).max())
     with torch.no_grad():
         outside = encode(network, torch.stack([s["image"] for s in images])).numpy()
