@@ -15,7 +15,8 @@ from monai.data import DataLoader
 from aiva_monai.clustering import (
     ClusteringSettings,
 )
-from aiva_monai.networks import BottleneckTap, _unwrap, encode, fold_batchnorm
+from aiva_monai.folding import fold_batchnorm
+from aiva_monai.networks import BottleneckTap, _unwrap, encode
 
 __all__ = [
     "NetworkPass",
@@ -156,7 +157,7 @@ def iterate_features(
 
     The caller sets eval mode and disables gradients. Batches of ``settings.batch_size``, in
     ``settings.precision``. With ``settings.encoder_only`` only the encoder runs
-    (``networks.encode`` up to ``tap.module_name``; of a ``networks.fold_batchnorm`` copy made at the start
+    (``networks.encode`` up to ``tap.module_name``; of a ``folding.fold_batchnorm`` copy made at the start
     when ``settings.fold_batchnorm``); otherwise the full network runs and ``tap`` records
     the bottleneck. Samples carrying ``index_key`` must carry their own position (checked), so cluster
     ids can later be looked up by that index. With ``world_size`` > 1 only the batches ``rank``,

@@ -127,7 +127,8 @@ def datasets(args):
 def embedding_speed(network, source, device, batch: int, slices: int, repeats: int) -> dict:
     import torch
 
-    from aiva_monai.networks import BottleneckTap, encode, fold_batchnorm
+    from aiva_monai.folding import fold_batchnorm
+    from aiva_monai.networks import BottleneckTap, encode
 
     images = torch.stack([source[i]["image"] for i in range(min(slices, len(source)))]).to(device)
     tap = BottleneckTap(network)

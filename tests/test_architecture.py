@@ -23,6 +23,7 @@ LAYERS = {
     "metrics": 1,
     # 2: MONAI / Ignite glue
     "networks": 2,
+    "folding": 2,
     "optim": 2,
     "batchnorm": 2,
     "data": 2,

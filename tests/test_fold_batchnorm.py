@@ -1,4 +1,4 @@
-"""``networks.fold_batchnorm``: an eval-mode copy with BatchNorms folded into the convolutions before them, the
+"""``folding.fold_batchnorm``: an eval-mode copy with BatchNorms folded into the convolutions before them, the
 same function to float rounding; and the embedding pass that uses it inside each site's context."""
 
 import contextlib
@@ -10,8 +10,9 @@ from torch import nn
 
 from aiva_monai import network_pass as network_pass_module
 from aiva_monai.clustering import ClusteringSettings
+from aiva_monai.folding import fold_batchnorm
 from aiva_monai.network_pass import NetworkPass, iterate_features
-from aiva_monai.networks import PreActResUNet, encode, fold_batchnorm
+from aiva_monai.networks import PreActResUNet, encode
 from tests.test_networks import batch_norm_networks
 
 

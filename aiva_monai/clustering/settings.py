@@ -37,7 +37,7 @@ class ClusteringSettings:
         channels_last: run the encoder's activations in channels-last memory format (faster
             convolutions on CPU and with AMP; features equal up to float rounding).
         fold_batchnorm: with ``encoder_only``, run an eval-mode copy of the network whose BatchNorms that
-            follow a convolution are folded into it (``networks.fold_batchnorm``; made inside each site's
+            follow a convolution are folded into it (``folding.fold_batchnorm``; made inside each site's
             context, so per-site statistics are folded; 1.2 x faster on CPU; features equal up to float
             rounding).
         precision: "auto" (the trainer's AMP setting, as before), "cpu_bfloat16" (bfloat16 on a CPU with
