@@ -7,7 +7,7 @@ import copy
 
 from torch import nn
 
-from aiva_monai.networks import _unwrap
+from aiva_monai.networks import _unwrap, runs_children_in_order
 
 __all__ = ["fold_batchnorm"]
 
@@ -21,14 +21,8 @@ class _Folded(nn.Identity):
 
 
 def _is_chain(module: nn.Module, opaque: set[int]) -> bool:
-    # runs exactly its children in order (as in _plain_chain), and is not a module whose output must stay as is
-    return (
-        isinstance(module, nn.Sequential)
-        and type(module).forward is nn.Sequential.forward
-        and not module._forward_hooks
-        and not module._forward_pre_hooks
-        and id(module) not in opaque
-    )
+    # a plain chain that is not a module whose output must stay as it is
+    return runs_children_in_order(module) and id(module) not in opaque
 
 
 def _edge(parent: nn.Module, name: str, last: bool, opaque: set[int]) -> tuple[nn.Module, str, nn.Module]:

@@ -23,7 +23,7 @@ from monai.networks.layers import SkipConnection
 from monai.networks.nets import BasicUNet, DynUNet, UNet
 from torch import nn
 
-__all__ = ["PreActResUNet", "BottleneckTap", "find_bottleneck", "encode", "encoder_stages"]
+__all__ = ["PreActResUNet", "BottleneckTap", "find_bottleneck", "encode", "encoder_stages", "runs_children_in_order"]
 
 
 def _unwrap(network: nn.Module) -> nn.Module:
@@ -207,15 +207,21 @@ class PreActResUNet(nn.Module):
 # -- encoder-only passes -----------------------------------------------------------------------------
 
 
-def _plain_chain(module: nn.Module) -> list[nn.Module]:
-    # an nn.Sequential with the default forward and no hooks runs exactly its children in order: run
-    # them one by one (so the memory format can change early); anything else is one opaque stage
-    if (
+def runs_children_in_order(module: nn.Module) -> bool:
+    """Whether ``module`` is an nn.Sequential with the default forward and no hooks: it computes exactly its
+    children, one after another (so they can be run, or rewritten, one by one)."""
+    return (
         isinstance(module, nn.Sequential)
         and type(module).forward is nn.Sequential.forward
         and not module._forward_hooks
         and not module._forward_pre_hooks
-    ):
+    )
+
+
+def _plain_chain(module: nn.Module) -> list[nn.Module]:
+    # run a plain chain's children one by one (so the memory format can change early); anything else is one
+    # opaque stage
+    if runs_children_in_order(module):
         return [stage for child in module for stage in _plain_chain(child)]
     return [module]
 
