@@ -8,16 +8,17 @@ Side by side in one process, on the same slices and the same network (the shippe
    interleaved on the same batches; ms per slice;
 2. one round each way (``embed_and_cluster``), seconds per stage, peak extra memory, and the longest
    silence between two log lines:
-   - "today": full network, source means by a second pass, openTSNE's default schedule (250 + 500
-     iterations) = ``encoder_only=False, channels_last=False, source_means="second_pass", tsne_iter=500``;
+   - "today": full network, source means by a second pass, openTSNE's defaults (250 + 500 iterations,
+     Annoy neighbours, FFT grid cell 1) = ``TODAY`` below;
    - "new": the brain bundle's CPU settings: ``ClusteringSettings``'s defaults (encoder only, channels-last,
-     one pass with a float16 feature store, 250 + 250 t-SNE iterations), batch 8 and ``precision="cpu_bfloat16"``
+     one pass with a float16 feature store, 250 + 250 t-SNE iterations, exact neighbours, FFT grid cell 2),
+     batch 8 and ``precision="cpu_bfloat16"``
      (``--batch``, ``--precision``; ``--compare-precision float32`` adds the new round in float32 beside it);
    and how well they agree: adjusted Rand index of the target clusters and of the source clusters, and
    whether matched clusters correspond (each new cluster mapped to the today cluster holding most of its
    slices);
-3. planted structure (12 modes, a shifted and rescaled target): the clusters and mode-to-mode matches of
-   both t-SNE schedules (and of a warm-started round on moved features);
+3. planted structure (12 modes, a shifted and rescaled target; ``--planted-seeds``, default 0 1 2): the clusters
+   and mode-to-mode matches of both rounds' clustering (and of a warm-started round on moved features);
 4. warm start on IXI features (``--warm-steps`` > 0): the network is moved by that many AIVA steps, then
    the new round's t-SNE from scratch vs warm-started from the first round's embedding, same sketches;
 5. seed stability (``--stability-seeds N`` > 1): one encoder-only pass, then the clustering (t-SNE + k-means +
@@ -55,7 +56,15 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY))
 
 # the round before issue 14, with the brain bundle's CPU embedding batch of then
-TODAY = dict(encoder_only=False, channels_last=False, source_means="second_pass", tsne_iter=500, batch_size=16)
+TODAY = dict(
+    encoder_only=False,
+    channels_last=False,
+    source_means="second_pass",
+    tsne_iter=500,
+    batch_size=16,
+    tsne_neighbors="auto",
+    tsne_fft_cell=1.0,
+)
 
 
 class Silences(logging.Handler):
@@ -505,6 +514,13 @@ def main() -> None:
         help="also run the new round in this autocast precision and compare it with the new round",
     )
     parser.add_argument(
+        "--planted-seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="seeds of the planted structure (12 modes; benchmarks/planted_matching.py's seeds)",
+    )
+    parser.add_argument(
         "--compare-source-stride",
         type=int,
         nargs="*",
@@ -608,7 +624,11 @@ def main() -> None:
         }
     if "today" in rounds:
         report["agreement"] = agreement(rounds["new"][0], rounds["today"][0])
-    report["planted"] = planted(today, new, strides=args.compare_source_stride)
+    report["planted"] = [
+        {"seed": seed, **row}
+        for seed in args.planted_seeds
+        for row in planted(today, new, seed=seed, strides=args.compare_source_stride)
+    ]
     if args.stability_seeds > 1:
         report["stability"] = stability(
             network, source, target, {"today": today, "new": new}, args.stability_seeds, args.device
@@ -678,13 +698,14 @@ def main() -> None:
                 f"matched pairs that correspond: {a['matches_agreeing']}/12"
             )
     print(
-        "\n| planted modes (12 x 100 per site, 4,096 features) | seconds | ARI source vs truth | ARI target vs truth "
-        "| matches = true mode pairs |\n|---|---|---|---|---|"
+        "\n| planted modes (12 x 100 per site, 4,096 features) | seed | seconds | ARI source vs truth "
+        "| ARI target vs truth | matches = true mode pairs |\n|---|---|---|---|---|---|"
     )
     for row in report["planted"]:
+        right = sum(int(t == s) for t, s in row["mode_matches"].items())
         print(
-            f"| {row['round']} | {row['seconds']:.1f} | {row['ari_source_vs_truth']:.3f} | "
-            f"{row['ari_target_vs_truth']:.3f} | {row['identical_matches']} |"
+            f"| {row['round']} | {row['seed']} | {row['seconds']:.1f} | {row['ari_source_vs_truth']:.3f} | "
+            f"{row['ari_target_vs_truth']:.3f} | {right}/12 |"
         )
     if args.stability_seeds > 1:
         print_stability(report["stability"])

@@ -352,3 +352,24 @@ def test_cluster_sketches_reports_progress_of_every_stage():
     assert [c[0] for c in calls if c[1] == 0] == ["pca", "tsne", "kmeans"]
     tsne = [done for stage, done, total in calls if stage == "tsne" and done > 0]
     assert tsne == list(range(25, 151, 25)) and all(total == 150 for stage, _, total in calls if stage == "tsne")
+
+
+@pytest.mark.parametrize("neighbors", ["exact", "annoy"])
+def test_exact_neighbours_give_the_same_tsne_map_on_any_number_of_threads(neighbors):
+    """openTSNE's default search (Annoy, from 1,000 points) builds its trees in parallel, so the map (and on
+    planted structure even the matching) changed with ``n_jobs``; the exact search does not."""
+    from aiva_monai.clustering import cluster_sketches
+
+    k = 4
+    source, target, _, _ = planted_sites(k, per_mode=150, n_features=256, seed=6)
+    source, target = source.reshape(len(source), -1), target.reshape(len(target), -1)
+    maps = [
+        cluster_sketches(
+            source, target, k, seed=0, n_jobs=jobs, tsne_neighbors=neighbors, tsne_exaggeration_iter=50, tsne_iter=50
+        ).embedding
+        for jobs in (1, 2)
+    ]
+    if neighbors == "exact":
+        np.testing.assert_array_equal(maps[0], maps[1])
+    else:  # the check above can fail: Annoy's parallel build does move the map
+        assert not np.array_equal(maps[0], maps[1])

@@ -34,6 +34,7 @@ from aiva_monai.clustering.settings import (
     SOURCE_MEANS,
     STORE_DTYPES,
     TSNE_METHODS,
+    TSNE_NEIGHBORS,
     ClusteringSettings,
     SiteClustering,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "cluster_sketches",
     "cluster_sites",
     "TSNE_METHODS",
+    "TSNE_NEIGHBORS",
     "SOURCE_MEANS",
     "STORE_DTYPES",
     "PRECISIONS",

@@ -12,6 +12,9 @@ import torch
 TSNE_METHODS = ("opentsne", "sklearn")
 
 
+TSNE_NEIGHBORS = ("exact", "auto", "annoy")
+
+
 SOURCE_MEANS = ("store", "second_pass")
 
 
@@ -67,6 +70,16 @@ class ClusteringSettings:
             pass sets the training device when it is a GPU).
         tsne_method: "opentsne" (FFT-accelerated, default) or "sklearn" (Barnes-Hut).
         perplexity: t-SNE perplexity (reference: 30); lowered to (n - 1) / 3 for very small sets.
+        tsne_neighbors: openTSNE's nearest-neighbour search for the affinities: "exact" (scikit-learn's
+            exact search: the same neighbours on any number of threads, so the same t-SNE map on any
+            machine; faster than Annoy up to at least 50,000 slices of 20 PCA components, measured in
+            benchmarks/README.md) or "auto" / "annoy" (openTSNE's default from 1,000 points: approximate,
+            built in parallel, so the map changes with ``n_jobs``; the rounds before 2026-12-03).
+        tsne_fft_cell: side, in map units, of one cell of the grid on which openTSNE's FFT method
+            interpolates the repulsive forces (openTSNE's ``ints_in_interval``; its default, and the rounds
+            before 2026-12-03, 1). 2 halves the t-SNE stage at IXI-HH's 8,550 slices; its clusters agree with
+            those of 1 as closely as 1's agree with themselves under another seed (benchmarks/README.md).
+            The coarser grid makes the map about 20 % more compact.
         tsne_exaggeration_iter: early-exaggeration iterations (openTSNE's default, 250; scikit-learn's
             is fixed at 250).
         tsne_iter: iterations after the early exaggeration (openTSNE's default is 500; 250 agrees with
@@ -108,6 +121,8 @@ class ClusteringSettings:
     pca_device: str | None = None
     tsne_method: str = "opentsne"
     perplexity: float = 30.0
+    tsne_neighbors: str = "exact"
+    tsne_fft_cell: float = 2.0
     tsne_exaggeration_iter: int = 250
     tsne_iter: int = 250
     tsne_warm_start: bool = False
@@ -123,6 +138,7 @@ class ClusteringSettings:
     def __post_init__(self) -> None:
         choices = {
             "tsne_method": TSNE_METHODS,
+            "tsne_neighbors": TSNE_NEIGHBORS,
             "source_means": SOURCE_MEANS,
             "store_dtype": STORE_DTYPES,
             "precision": PRECISIONS,
@@ -140,6 +156,8 @@ class ClusteringSettings:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}.")
         if self.tsne_iter + self.tsne_exaggeration_iter < 1:
             raise ValueError("tsne_exaggeration_iter + tsne_iter must be at least 1.")
+        if not (self.tsne_fft_cell > 0 and np.isfinite(self.tsne_fft_cell)):
+            raise ValueError(f"tsne_fft_cell must be a positive number, got {self.tsne_fft_cell}.")
         if not self.perplexity > 0:
             raise ValueError(f"perplexity must be positive, got {self.perplexity}.")
         if self.slice_position < 0 or not np.isfinite(self.slice_position):

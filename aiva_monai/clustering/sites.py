@@ -66,6 +66,8 @@ def _tsne(
             n_components=2,
             perplexity=perplexity,
             negative_gradient_method="fft",
+            neighbors=settings.tsne_neighbors,
+            ints_in_interval=float(settings.tsne_fft_cell),
             early_exaggeration_iter=settings.tsne_exaggeration_iter,
             n_iter=settings.tsne_iter,
             random_state=settings.seed,
