@@ -1,7 +1,7 @@
 """Does AIVA's cluster matching find the true pairs on planted structure, and does it depend on openTSNE's threads?
 
 Plants 12 modes (``clustering_round.planted_features``: 100 slices each per site, 4,096 features, the target
-scaled by 1.3 and shifted), runs ``cluster_sites`` with the t-SNE of before 2026-12-03 ("annoy": openTSNE's
+scaled by 1.3 and shifted), runs ``cluster_sites`` with the t-SNE of before commit ff86f3a ("annoy": openTSNE's
 default Annoy neighbours, FFT grid cell 1) and of now ("exact": exact neighbours, grid cell 2), each with each
 ``n_jobs``, and counts the matched pairs that are true mode pairs two ways on the *same* clusters:
 
@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-# the t-SNE of the rounds before 2026-12-03 and the default since
+# the t-SNE of the rounds before commit ff86f3a and its default since
 TSNE = {
     "annoy": dict(tsne_neighbors="auto", tsne_fft_cell=1.0),
     "exact": dict(tsne_neighbors="exact", tsne_fft_cell=2.0),

@@ -161,6 +161,11 @@ def test_settings_are_one_frozen_object_built_from_a_bundle_dict():
         ClusteringSettings(tsne_method="umap")
     with pytest.raises(ValueError, match="slice_position"):
         ClusteringSettings(slice_position=-1)
+    with pytest.raises(ValueError, match="unknown tsne_neighbors 'hnsw'"):
+        ClusteringSettings(tsne_neighbors="hnsw")
+    for cell in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="tsne_fft_cell must be a positive number"):
+            ClusteringSettings(tsne_fft_cell=cell)
     with pytest.raises(TypeError):
         ClusteringSettings.coerce(3)
 
@@ -373,3 +378,19 @@ def test_exact_neighbours_give_the_same_tsne_map_on_any_number_of_threads(neighb
         np.testing.assert_array_equal(maps[0], maps[1])
     else:  # the check above can fail: Annoy's parallel build does move the map
         assert not np.array_equal(maps[0], maps[1])
+
+
+def test_the_fft_grid_cell_reaches_opentsne_and_both_grids_recover_planted_modes_and_pairs():
+    from aiva_monai.clustering import cluster_sketches
+
+    k = 4
+    source, target, source_modes, target_modes = planted_sites(k, per_mode=40, n_features=512, seed=7)
+    source, target = source.reshape(len(source), -1), target.reshape(len(target), -1)
+    fine, coarse = (cluster_sketches(source, target, k, seed=0, tsne_fft_cell=cell) for cell in (1.0, 2.0))
+    assert not np.array_equal(fine.embedding, coarse.embedding)  # the setting is used
+    for result in (fine, coarse):
+        assert adjusted_rand_score(source_modes, result.source_labels) == pytest.approx(1.0)
+        assert adjusted_rand_score(target_modes, result.target_labels) == pytest.approx(1.0)
+        source_mode_of = majority(result.source_labels, source_modes, k)
+        target_mode_of = majority(result.target_labels, target_modes, k)
+        assert [target_mode_of[i] for i in range(k)] == [source_mode_of[result.match[i]] for i in range(k)]

@@ -74,12 +74,12 @@ class ClusteringSettings:
             exact search: the same neighbours on any number of threads, so the same t-SNE map on any
             machine; faster than Annoy up to at least 50,000 slices of 20 PCA components, measured in
             benchmarks/README.md) or "auto" / "annoy" (openTSNE's default from 1,000 points: approximate,
-            built in parallel, so the map changes with ``n_jobs``; the rounds before 2026-12-03).
+            built in parallel, so the map changes with ``n_jobs``; every round before this setting existed).
         tsne_fft_cell: side, in map units, of one cell of the grid on which openTSNE's FFT method
-            interpolates the repulsive forces (openTSNE's ``ints_in_interval``; its default, and the rounds
-            before 2026-12-03, 1). 2 halves the t-SNE stage at IXI-HH's 8,550 slices; its clusters agree with
-            those of 1 as closely as 1's agree with themselves under another seed (benchmarks/README.md).
-            The coarser grid makes the map about 20 % more compact.
+            interpolates the repulsive forces (openTSNE's ``ints_in_interval``; its default, and every round
+            before this setting existed, 1). 2 halves the t-SNE stage at IXI-HH's 8,550 slices; its clusters
+            agree with those of 1 as closely as 1's agree with themselves under another seed
+            (benchmarks/README.md). The coarser grid makes the map about 20 % more compact.
         tsne_exaggeration_iter: early-exaggeration iterations (openTSNE's default, 250; scikit-learn's
             is fixed at 250).
         tsne_iter: iterations after the early exaggeration (openTSNE's default is 500; 250 agrees with
