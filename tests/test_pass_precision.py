@@ -69,3 +69,27 @@ def test_float32_overrides_the_trainers_amp(slices):
 def test_unknown_precision_is_refused():
     with pytest.raises(ValueError, match="precision"):
         ClusteringSettings(precision="bf16")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_features_are_an_error_naming_the_slices_and_an_overflowing_sum_is_not(slices, monkeypatch, value):
+    """The pass checks the features' sum first (cheap) and every value only when the sum is not finite."""
+    network, images = slices
+
+    def run(make):
+        monkeypatch.setattr(network_pass_module, "encode", lambda net, batch, *args, **kwargs: make(len(batch)))
+        with torch.no_grad():
+            return list(iterate_features(network, None, images, NetworkPass(), ClusteringSettings(batch_size=5)))
+
+    huge = run(lambda n: torch.full((n, 3), 3e38))  # finite values whose float32 sum is inf
+    assert len(huge) == 3 and torch.isfinite(huge[0][0]).all()
+
+    def one_bad(n, calls=[0]):
+        calls[0] += 1
+        features = torch.ones(n, 3)
+        if calls[0] == 2:
+            features[1, 2] = value
+        return features
+
+    with pytest.raises(ValueError, match=r"non-finite bottleneck features for slices slices 5\.\.9"):
+        run(one_bad)
