@@ -19,6 +19,7 @@ workers, keys, AMP, per-site context) from one ``NetworkPass`` (``aiva_monai.net
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -106,12 +107,19 @@ def embed_sites(
     settings: ClusteringSettings,
     network_pass: NetworkPass = NetworkPass(),
     progress: RoundProgress | None = None,
+    *,
+    site_networks: dict | None = None,
 ) -> EmbeddedSites:
     """Step 1: one eval-mode pass over every source and target slice (see the module docstring).
 
     ``network_pass.site_context(site)``, when given, is entered around each site's pass ("source", then
     "target"), inside eval mode (e.g. to swap in per-site BatchNorm statistics). ``tap`` names the bottleneck
     module (``tap.module_name``); without ``encoder_only`` it also records the features.
+
+    ``site_networks``: {"source": module, "target": module} made by ``network_pass.site_snapshots`` (each
+    inside its site's context): each site's pass runs its copy, no site context is entered, and neither
+    ``network`` nor ``tap`` is touched (only ``tap.module_name`` is read), so training may go on meanwhile
+    in another thread (the handler's ``overlap_embedding``).
     """
     rank, world_size = distributed_context()
     all_source = source_dataset
@@ -132,10 +140,21 @@ def embed_sites(
     done = [0]
     start = time.perf_counter()
     projector, store, sketches = None, None, {}
-    with EvalMode(network, tap) as plain:
-        if world_size > 1:
-            broadcast_buffers(plain)  # BN running statistics drift per rank between DDP forwards
+    module_name = tap.module_name if tap is not None else None
+    with contextlib.ExitStack() as scopes:
+        if site_networks is None:
+            plain = scopes.enter_context(EvalMode(network, tap))
+            if world_size > 1:
+                broadcast_buffers(plain)  # BN running statistics drift per rank between DDP forwards
+        else:
+            scopes.enter_context(torch.no_grad())  # per thread: the training thread keeps its gradients
         for site, dataset in (("source", source_dataset), ("target", target_dataset)):
+            if site_networks is None:
+                runner, site_tap, site_scope = plain, tap, network_pass.site_scope(site)
+            else:  # a copy with its own tap (the full-network pass reads the bottleneck from it)
+                runner = site_networks[site]
+                site_tap = scopes.enter_context(BottleneckTap(runner, module_name)) if tap is not None else None
+                site_scope = contextlib.nullcontext()
             offset = 0 if site == "source" else len(source_dataset)
 
             def on_batch(size, site=site, offset=offset):
@@ -144,10 +163,10 @@ def embed_sites(
                     progress("embed", min(done[0], n_total), n_total, site)
 
             rows = []
-            with network_pass.site_scope(site):
+            with site_scope:
                 for features, position in iterate_features(
-                    plain,
-                    tap,
+                    runner,
+                    site_tap,
                     dataset,
                     network_pass,
                     settings,
@@ -173,7 +192,7 @@ def embed_sites(
                 rows = all_gather_rows(rows, world_size)
             sketches[site] = np.concatenate([row for _, row in sorted(rows, key=lambda item: item[0])])
         if projector is None:  # a rank with no batch (fewer batches than ranks) still needs D
-            n_features = int(np.prod(features_shape(plain, tap, source_dataset, network_pass, settings)))
+            n_features = int(np.prod(features_shape(runner, site_tap, source_dataset, network_pass, settings)))
         else:
             n_features = projector.n_features
     if settings.source_means == "store" and store is None:

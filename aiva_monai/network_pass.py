@@ -5,6 +5,7 @@ of a pass."""
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ __all__ = [
     "iterate_features",
     "distributed_context",
     "EvalMode",
+    "site_snapshots",
     "features_shape",
     "cpu_has_native_bfloat16",
     "pass_dtype",
@@ -224,6 +226,22 @@ class EvalMode:
         self.network.train(self.was_training)
         if self.tap is not None:
             self.tap.features = None
+
+
+def site_snapshots(network, network_pass: NetworkPass) -> dict[str, torch.nn.Module]:
+    """{"source": copy, "target": copy}: eval-mode copies of ``network`` (wrappers looked through), each made
+    inside ``network_pass.site_context(site)`` so that it keeps that site's BatchNorm statistics (one copy for
+    both without a site context). A pass over these (``embed_sites(..., site_networks=...)``) computes what a
+    pass over ``network`` would have computed now, however ``network`` trains on meanwhile."""
+    plain = _unwrap(network)
+    if network_pass.site_context is None:
+        shared = copy.deepcopy(plain).eval()
+        return {"source": shared, "target": shared}
+    snapshots = {}
+    for site in ("source", "target"):
+        with network_pass.site_scope(site):
+            snapshots[site] = copy.deepcopy(plain).eval()
+    return snapshots
 
 
 def broadcast_buffers(network) -> None:

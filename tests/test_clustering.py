@@ -163,6 +163,9 @@ def test_settings_are_one_frozen_object_built_from_a_bundle_dict():
         ClusteringSettings(slice_position=-1)
     with pytest.raises(ValueError, match="unknown tsne_neighbors 'hnsw'"):
         ClusteringSettings(tsne_neighbors="hnsw")
+    with pytest.raises(ValueError, match="overlap_embedding .* set overlap too"):
+        ClusteringSettings(overlap_embedding=True)
+    assert ClusteringSettings(overlap=True, overlap_embedding=True).overlap_embedding
     for cell in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="tsne_fft_cell must be a positive number"):
             ClusteringSettings(tsne_fft_cell=cell)

@@ -181,3 +181,48 @@ def test_source_stride_keeps_each_thinned_slices_position(setup):
     positions = np.r_[np.arange(10) / 9, np.arange(10) / 9, np.arange(20) / 19][result.source_rows]
     halves = [set(result.source_labels[positions < 0.4]), set(result.source_labels[positions > 0.6])]
     assert len(halves[0]) == len(halves[1]) == 1 and halves[0] != halves[1]
+
+
+@pytest.mark.parametrize("encoder_only", [True, False], ids=["encoder_only", "full_network"])
+def test_a_pass_over_site_snapshots_equals_the_live_pass_while_the_network_changes(setup, encoder_only):
+    """What ``overlap_embedding`` runs in a thread: per-site copies taken now give the live pass's sketches and
+    stored features, even after the live network has moved on; neither the network nor its tap is touched."""
+    from aiva_monai.embedding import embed_sites
+    from aiva_monai.network_pass import site_snapshots
+
+    network, source, target = setup
+    conv = network.encoder[0][0].conv
+
+    @contextlib.contextmanager
+    def site_context(site):
+        if site != "target":
+            yield
+            return
+        original = conv.weight.detach().clone()
+        conv.weight.data.mul_(3.0)  # a visibly different target pass
+        try:
+            yield
+        finally:
+            conv.weight.data.copy_(original)
+
+    settings = ClusteringSettings(encoder_only=encoder_only, store_dtype="float32", batch_size=8)
+    network_pass = NetworkPass(site_context=site_context)
+    with BottleneckTap(network) as tap:
+        live = embed_sites(network, tap, source, target, settings, network_pass)
+        snapshots = site_snapshots(network, network_pass)
+        assert snapshots["source"] is not snapshots["target"] and not snapshots["source"].training
+        before = {k: v.clone() for k, v in network.state_dict().items()}
+        with torch.no_grad():
+            conv.weight.add_(1.0)  # training goes on after the snapshot
+        network.train()
+        tap.features = marker = torch.zeros(1)
+        copied = embed_sites(None, tap, source, target, settings, NetworkPass(), site_networks=snapshots)
+        assert tap.features is marker and network.training  # the live tap and mode are untouched
+        network.load_state_dict(before)  # the module-scoped network as it was
+        np.testing.assert_array_equal(copied.source_sketch, live.source_sketch)
+        np.testing.assert_array_equal(copied.target_sketch, live.target_sketch)
+        np.testing.assert_array_equal(copied.store.read(0, len(source)), live.store.read(0, len(source)))
+    live.close(), copied.close()
+    # without a site context one copy serves both sites
+    shared = site_snapshots(network, NetworkPass())
+    assert shared["source"] is shared["target"]

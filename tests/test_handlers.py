@@ -150,10 +150,9 @@ def test_round_times_go_to_the_metrics_and_the_stats_file(sites, tmp_path):
     assert [r["embed_dtype"] for r in rows] == ["float32", "float32"]  # the pass's dtype: no AMP, "auto"
 
 
-def overlap_run(sites, epochs=4):
-    trainer, handler = make_trainer(
-        *sites, max_epochs=epochs, epoch_length=2, handler_options={"settings": {"overlap": True}}
-    )
+def overlap_run(sites, epochs=4, embedding=False):
+    settings = {"overlap": True, "overlap_embedding": embedding}
+    trainer, handler = make_trainer(*sites, max_epochs=epochs, epoch_length=2, handler_options={"settings": settings})
     used, weights = [], {}
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: used.append(e.state.aiva_assignment.epoch))
     trainer.add_event_handler(
@@ -165,27 +164,30 @@ def overlap_run(sites, epochs=4):
     return trainer, handler, used, weights, clusterings
 
 
-def test_overlap_trains_one_round_behind_and_is_deterministic(sites):
+@pytest.mark.parametrize("embedding", [False, True], ids=["embedding_pass_blocks", "embedding_pass_in_background"])
+def test_overlap_trains_one_round_behind_and_is_deterministic(sites, embedding):
     from aiva_monai.embedding import embed_and_cluster
     from aiva_monai.networks import BottleneckTap, PreActResUNet
 
-    trainer, handler, used, weights, clusterings = overlap_run(sites)
+    trainer, handler, used, weights, clusterings = overlap_run(sites, embedding=embedding)
     # epoch 1 clusters synchronously; the round embedded at the start of epoch e is used from epoch e + 1;
     # nothing is launched at the last epoch (no epoch would use it)
     assert used == [1, 1, 1, 1, 2, 2, 3, 3]
     assert [h["epoch"] for h in handler.history] == [1, 2, 3]
-    assert handler._executor is None  # shut down at the end of the run
+    assert not handler.background.running  # shut down at the end of the run
     # the background round equals the synchronous round on the same weights
     network = PreActResUNet(channels=(4, 8, 16), blocks_per_level=1)
     network.load_state_dict(weights[2])
     with BottleneckTap(network) as tap:
-        synchronous = embed_and_cluster(network, tap, *sites, 3, handler.settings.replace(overlap=False))
+        synchronous = embed_and_cluster(
+            network, tap, *sites, 3, handler.settings.replace(overlap=False, overlap_embedding=False)
+        )
     background = clusterings[3]
     for name in ("source_labels", "target_labels", "embedding", "match"):
         np.testing.assert_array_equal(getattr(background, name), getattr(synchronous, name))
     assert torch.equal(background.source_means, synchronous.source_means)
     # and the whole run is reproducible
-    again = overlap_run(sites)
+    again = overlap_run(sites, embedding=embedding)
     assert again[2] == used
     for key, value in trainer.network.state_dict().items():
         assert torch.equal(again[0].network.state_dict()[key], value), key
@@ -239,3 +241,44 @@ def test_source_stride_round_survives_the_state_dict(sites, tmp_path):
 def test_attach_counts_the_thinned_source(sites):
     with pytest.raises(ValueError, match=r"8 \(1 in 4\) slices, fewer than n_clusters=9"):
         make_trainer(*sites, n_clusters=9, handler_options={"settings": {"source_stride": 4}})
+
+
+def test_shutdown_stops_a_background_embedding_pass_within_a_batch(sites, caplog):
+    import logging
+    import time
+
+    from aiva_monai.clustering import ClusteringSettings
+    from aiva_monai.handlers.background_round import BackgroundRound
+    from aiva_monai.network_pass import NetworkPass
+    from aiva_monai.networks import BottleneckTap, PreActResUNet
+    from aiva_monai.progress import RoundProgress
+
+    class Slow(list):  # 0.05 s a slice: 600 slices would take 30 s
+        def __getitem__(self, i):
+            time.sleep(0.05)
+            return list.__getitem__(self, i)
+
+    source, target = sites
+    network = PreActResUNet(channels=(4, 8, 16), blocks_per_level=1)
+    settings = ClusteringSettings(overlap=True, overlap_embedding=True, batch_size=4, log_every_s=0.0)
+    background = BackgroundRound()
+    with BottleneckTap(network) as tap, caplog.at_level(logging.INFO, logger="background-test"):
+        background.launch(
+            2,
+            network,
+            tap,
+            Slow(source * 20),
+            target,
+            3,
+            settings,
+            NetworkPass(),
+            RoundProgress(logging.getLogger("background-test"), "AIVA epoch 2 (background): ", 0.0),
+        )
+        assert background.epoch == 2 and background.running
+        time.sleep(1.0)  # the pass is under way in its thread
+        start = time.perf_counter()
+        background.shutdown()
+        assert time.perf_counter() - start < 3.0 and not background.running and background.epoch is None
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("AIVA epoch 2 (background): embedding pass: ") for line in lines)
+    assert not any("630/630" in line for line in lines)  # stopped, not finished

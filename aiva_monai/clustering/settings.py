@@ -103,6 +103,11 @@ class ClusteringSettings:
     Scheduling (``AIVAClusteringHandler``):
         overlap: compute each round's PCA, t-SNE, k-means and matching in a background process while
             training continues with the previous round's clusters (one epoch stale; see the handler).
+        overlap_embedding: with ``overlap``, the embedding pass too runs in the background (a thread of the
+            training process), on per-site copies of the network taken when the round is due, so training
+            waits only for those copies and, at the next due epoch, for the source means. Same clusters as
+            ``overlap`` alone (same weights); the pass competes with training for the machine, so use it
+            where a core (or the GPU's idle time) is free: on a CPU, train with fewer torch threads than cores.
         log_every_s: at most this many seconds between two progress lines of a round in the log.
     """
 
@@ -133,6 +138,7 @@ class ClusteringSettings:
     seed: int = 0
     n_jobs: int = -1
     overlap: bool = False
+    overlap_embedding: bool = False
     log_every_s: float = 10.0
 
     def __post_init__(self) -> None:
@@ -162,6 +168,8 @@ class ClusteringSettings:
             raise ValueError(f"perplexity must be positive, got {self.perplexity}.")
         if self.slice_position < 0 or not np.isfinite(self.slice_position):
             raise ValueError(f"slice_position (a weight) must be a finite number >= 0, got {self.slice_position}.")
+        if self.overlap_embedding and not self.overlap:
+            raise ValueError("overlap_embedding runs the embedding pass of an overlapped round: set overlap too.")
         if self.store_memory_mb < 0:
             raise ValueError(f"store_memory_mb must be >= 0, got {self.store_memory_mb}.")
 

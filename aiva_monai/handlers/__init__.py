@@ -1,7 +1,7 @@
 """Ignite handlers, one idea a module: per-epoch clustering and matching for AIVA (``aiva_clustering``, with
-``site_counts`` for several source sites, ``clustering_state`` for its checkpoints and ``background`` for its
-overlapped rounds), checkpoint savers' state (``saver_state``) and per-volume surface
-Dice (``surface_dice``)."""
+``site_counts`` for several source sites, ``clustering_state`` for its checkpoints, ``background_round`` for its
+overlapped rounds and ``background`` for their worker process), checkpoint savers' state (``saver_state``)
+and per-volume surface Dice (``surface_dice``)."""
 
 from aiva_monai.handlers.aiva_clustering import AIVAClusteringHandler
 from aiva_monai.handlers.saver_state import SaverState

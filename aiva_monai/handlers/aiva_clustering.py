@@ -10,10 +10,10 @@ import time
 import torch
 from ignite.engine import Engine, Events
 
-from aiva_monai.clustering import ClusteringSettings, SiteClustering, cluster_sketches, slice_positions
-from aiva_monai.embedding import clustered_source, compute_source_means, embed_and_cluster, embed_sites
+from aiva_monai.clustering import ClusteringSettings, SiteClustering, slice_positions
+from aiva_monai.embedding import clustered_source, embed_and_cluster
 from aiva_monai.engines import ClusterAssignment
-from aiva_monai.handlers.background import background_executor
+from aiva_monai.handlers.background_round import BackgroundRound
 from aiva_monai.handlers.clustering_state import clustering_from_state, clustering_to_state
 from aiva_monai.handlers.site_counts import per_group_cluster_counts, source_slice_groups
 from aiva_monai.io import write_csv_atomic
@@ -60,9 +60,12 @@ class AIVAClusteringHandler:
     to a background process, and trains this epoch with the previous round's clusters; the round's result
     (its source means summed from the store) is taken into use at the next due epoch. So clusters and
     means used in an epoch come from the network of one clustering interval earlier (one round stale; in
-    return, only the embedding pass stops training). The result is the same whatever the timing (the
-    background process computes exactly ``cluster_sketches``), and ``state_dict()`` waits for a round
-    in flight, so resuming from a checkpoint is exact. Under torch.distributed it falls back to
+    return, only the embedding pass stops training). With ``settings.overlap_embedding`` that pass too runs
+    in the background (``BackgroundRound``: a thread, on copies of the network taken at the due epoch), and
+    training waits only for those copies and, at the next due epoch, for the source means. The result is
+    the same whatever the timing, with or without ``overlap_embedding`` (the weights at the due epoch decide
+    it; the background process computes exactly ``cluster_sketches``), and ``state_dict()`` waits for a
+    round in flight, so resuming from a checkpoint is exact. Under torch.distributed it falls back to
     synchronous rounds.
 
     The clustering of the current epoch (and, with ``overlap``, the next) is in ``state_dict()`` /
@@ -105,8 +108,7 @@ class AIVAClusteringHandler:
         # overlap mode: the round taken into use at the next due epoch, and the one in flight
         self.pending: SiteClustering | None = None
         self.pending_epoch: int | None = None
-        self._in_flight = None  # (epoch, future, EmbeddedSites)
-        self._executor = None
+        self.background = BackgroundRound()
         self._reported = 0
         self._device = "cpu"
         self._embed_dtype: str | None = None
@@ -262,76 +264,39 @@ class AIVAClusteringHandler:
         return True
 
     def _launched_epoch(self) -> int | None:
-        if self._in_flight is not None:
-            return self._in_flight[0]
-        return self.pending_epoch
+        return self.background.epoch if self.background.epoch is not None else self.pending_epoch
 
     def _launch(self, engine: Engine) -> None:
         epoch = engine.state.epoch
         settings = self._settings_for(engine)
-        reporter = self._reporter(epoch)
-        embedded = embed_sites(
+        if settings.overlap_embedding:  # log lines only: a bar would interleave with the training's
+            reporter = RoundProgress(self.logger, f"AIVA epoch {epoch} (background): ", settings.log_every_s)
+        else:
+            reporter = self._reporter(epoch)
+        what = self.background.launch(
+            epoch,
             engine.network,
             engine.bottleneck_tap,
             self.source_dataset,
             self.target_dataset,
+            self.n_clusters,
             settings,
             self._network_pass(engine),
-            progress=reporter,
-        )
-        reporter.close()
-        if self._executor is None:
-            self._executor = background_executor()
-        future = self._executor.submit(
-            cluster_sketches,
-            embedded.source_sketch,
-            embedded.target_sketch,
-            self.n_clusters,
-            settings.replace(pca_device=None),
-            source_positions=embedded.source_positions,
-            target_positions=embedded.target_positions,
+            reporter,
             init_embedding=self._previous_embedding(),
         )
-        self._in_flight = (epoch, future, embedded)
-        self.logger.info(
-            f"AIVA epoch {epoch}: embedded in {embedded.seconds:.1f} s; PCA, t-SNE, k-means and matching "
-            f"run in a background process, used from epoch {epoch + self.interval}"
-        )
+        self.logger.info(f"AIVA epoch {epoch}: {what}, used from epoch {epoch + self.interval}")
 
     def _collect(self) -> None:
         """Wait for the round in flight (if any), sum its source means from the store, keep it as pending."""
-        if self._in_flight is None:
-            return
-        epoch, future, embedded = self._in_flight
-        waited = time.perf_counter()
-        try:
-            result = future.result()
-            result.source_rows = embedded.source_rows
-            waited = time.perf_counter() - waited
-            start = time.perf_counter()
-            result.source_means = compute_source_means(
-                result, embedded, self.n_clusters, self.settings, NetworkPass(device=self._device)
-            )
-            result.timings = {
-                "embed": embedded.seconds,
-                **result.timings,
-                "means": time.perf_counter() - start,
-                "wait": waited,
-            }
-        finally:
-            embedded.close()
-            self._in_flight = None
-        self.pending, self.pending_epoch = result, epoch
-        self._record(epoch, result)
+        collected = self.background.collect(self.n_clusters, self.settings, self._device)
+        if collected is not None:
+            self.pending_epoch, self.pending = collected
+            self._record(*collected)
 
     def shutdown(self) -> None:
-        """Stop the background process (a round in flight is abandoned)."""
-        if self._in_flight is not None:
-            self._in_flight[2].close()
-            self._in_flight = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
+        """Stop the background thread and process (a round in flight is abandoned)."""
+        self.background.shutdown()
 
     def _hand_over(self, engine: Engine) -> None:
         self._device = engine.state.device
