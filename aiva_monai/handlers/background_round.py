@@ -62,6 +62,10 @@ class BackgroundRound:
         """The epoch whose round is in flight, or None."""
         return None if self._in_flight is None else self._in_flight[0]
 
+    def done(self) -> bool:
+        """Whether the round in flight has finished (``collect`` will not wait for it); False when none is."""
+        return self._in_flight is not None and self._in_flight[1].done()
+
     @property
     def running(self) -> bool:
         """Whether a process or thread is still alive (False after ``shutdown``)."""

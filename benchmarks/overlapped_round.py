@@ -1,0 +1,235 @@
+"""What a clustering round costs AIVA's training, synchronous vs overlapped, at the brain bundle's real geometry.
+
+One AIVA run (``AIVATrainer`` + ``AIVAClusteringHandler``, batch 8 + 8, ``train.json``'s trainable parameters,
+Adam 1e-4, the shipped IXI-HH source model, 80 + 15 subjects at 2 mm, 128 x 128 sagittal slices) of three
+epochs of ``--epoch-length`` steps with ``overlap`` and ``overlap_embedding`` on, the brain bundle's CPU
+clustering settings otherwise (bfloat16 where the CPU has it, batch 8):
+
+- epoch 1 clusters synchronously (every run's first round, and the bundle's default for every round): the
+  training waits for the whole round;
+- epoch 2 launches the next round in the background (the embedding pass in a thread on copies of the network,
+  PCA, t-SNE, k-means and matching in a process) and trains meanwhile;
+- epoch 3 collects it (waits if it has not finished, sums the source means) and trains without a round.
+
+Per step it records when each step ended, so it reports the seconds per step without a round in the
+background (epochs 1 and 3) and with one (the steps of epoch 2 until the round finished), what training
+waited for at each epoch start, and the clustering's share of AIVA's wall time at the paper's schedule (a
+round every 1,000 steps), synchronous vs overlapped:
+
+- synchronous: R / (R + 1,000 s0), R the synchronous round, s0 seconds per step;
+- overlapped: (W + n (s_bg - s0)) / (1,000 s0 + W + n (s_bg - s0)), W what training waited for at the launch
+  and at the collection, n the steps that ran beside the background round at s_bg seconds each (the round's
+  cost to training is the waiting plus the slowing of those steps).
+
+    OMP_NUM_THREADS=1 python benchmarks/overlapped_round.py                       # 1 torch thread, 1 t-SNE thread
+    python benchmarks/overlapped_round.py --source-subjects 20 --target-subjects 5 --epoch-length 40   # quick
+
+Give training fewer torch threads than the machine has cores: the background pass runs on the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from clustering_round import REPOSITORY, Silences, datasets  # noqa: E402
+
+PAPER_STEPS = 1000
+
+
+def build(network, source, target, args):
+    import torch
+    from ignite.engine import Events
+    from monai.bundle import ConfigParser
+    from monai.data import DataLoader
+
+    from aiva_monai.clustering import ClusteringSettings
+    from aiva_monai.data import SeededEndlessSampler
+    from aiva_monai.engines import AIVATrainer
+    from aiva_monai.handlers import AIVAClusteringHandler
+    from aiva_monai.losses import AIVALoss
+    from aiva_monai.optim import trainable_parameters
+
+    frozen = ConfigParser.load_config_file(REPOSITORY / "bundles" / "aiva_brain" / "configs" / "train.json")[
+        "frozen_modules"
+    ]
+    trainer = AIVATrainer(
+        device=args.device,
+        max_epochs=3,
+        epoch_length=args.epoch_length,
+        network=network,
+        train_data_loader=DataLoader(source, batch_size=8, sampler=SeededEndlessSampler(source, seed=0)),
+        target_data_loader=DataLoader(target, batch_size=8, sampler=SeededEndlessSampler(target, seed=1)),
+        optimizer=torch.optim.Adam(trainable_parameters(network, frozen), 1e-4),
+        loss_function=AIVALoss(calibration_iterations=10),
+        decollate=False,
+    )
+    settings = ClusteringSettings(
+        batch_size=args.batch,
+        precision=args.precision,
+        n_jobs=args.tsne_jobs,
+        overlap=True,
+        overlap_embedding=True,
+    )
+    handler = AIVAClusteringHandler(source, target, 12, settings=settings, progress=False, name="aiva_monai.bench")
+    marks = {"epoch_started": {}, "handler_done": {}, "steps": [], "round_done_after_step": None}
+
+    def before_handler(engine):  # attached before the handler: runs ahead of it
+        marks["epoch_started"][engine.state.epoch] = time.perf_counter()
+
+    trainer.add_event_handler(Events.EPOCH_STARTED, before_handler)
+    handler.attach(trainer)
+
+    def epoch_started(engine):  # attached after the handler: runs once it has returned
+        marks["handler_done"][engine.state.epoch] = time.perf_counter()
+
+    def step_done(engine):
+        marks["steps"].append((engine.state.epoch, time.perf_counter()))
+        if marks["round_done_after_step"] is None and handler.background.done():
+            marks["round_done_after_step"] = len(marks["steps"])
+
+    trainer.add_event_handler(Events.EPOCH_STARTED, epoch_started)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, step_done)
+    return trainer, handler, marks
+
+
+def summarise(trainer, handler, marks) -> dict:
+    waited = {epoch: marks["handler_done"][epoch] - marks["epoch_started"][epoch] for epoch in (1, 2, 3)}
+    steps = marks["steps"]
+    seconds = {}  # per step, by kind
+    previous = None
+    for number, (epoch, end) in enumerate(steps, start=1):
+        if previous is None or steps[number - 2][0] != epoch:
+            previous = marks["handler_done"][epoch]  # a step's time starts when the handler let training go on
+        kind = "background" if epoch == 2 and number <= (marks["round_done_after_step"] or 0) else "plain"
+        if epoch == 1 and number <= 10:
+            kind = "calibration"  # lambda's calibration steps (no alignment term yet) and warm-up: left out
+        seconds.setdefault(kind, []).append(end - previous)
+        previous = end
+    s0 = sum(seconds["plain"]) / len(seconds["plain"])
+    s_bg = sum(seconds.get("background", [s0])) / max(1, len(seconds.get("background", [])))
+    n_bg = len(seconds.get("background", []))
+    synchronous = waited[1]
+    overlapped_cost = waited[2] + waited[3] + n_bg * (s_bg - s0)
+    paper = PAPER_STEPS * s0
+    background = handler.history[1]
+    return {
+        "seconds_per_step_plain": s0,
+        "seconds_per_step_beside_background_round": s_bg,
+        "steps_beside_background_round": n_bg,
+        "round_finished": marks["round_done_after_step"] is not None,
+        "waited_epoch_1_synchronous_round": waited[1],
+        "waited_epoch_2_launch": waited[2],
+        "waited_epoch_3_collect": waited[3],
+        "synchronous_round_stages": handler.history[0],
+        "background_round_stages": background,
+        "share_synchronous": synchronous / (synchronous + paper),
+        "share_overlapped": overlapped_cost / (overlapped_cost + paper),
+        "overlapped_cost_seconds": overlapped_cost,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--data", default=os.environ.get("AIVA_IXI_ROOT", str(REPOSITORY.parent / "shared" / "data" / "ixi_hh"))
+    )
+    parser.add_argument("--source-subjects", type=int, default=80)
+    parser.add_argument("--target-subjects", type=int, default=15)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the training (default 1)")
+    parser.add_argument("--tsne-jobs", type=int, default=1, help="openTSNE threads of the background process")
+    parser.add_argument("--precision", default="cpu_bfloat16", help="ClusteringSettings.precision (the bundle's)")
+    parser.add_argument("--batch", type=int, default=8, help="embedding batch (the bundle's CPU one)")
+    parser.add_argument(
+        "--epoch-length", type=int, default=120, help="steps per epoch: enough for the background round to finish"
+    )
+    parser.add_argument("--json", default=None, help="write every number here")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(threadName)s %(message)s", stream=sys.stdout)
+    for noisy in ("monai", "ignite", "py.warnings"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    silences = Silences()
+    logging.getLogger("aiva_monai").addHandler(silences)
+
+    from aiva_monai.network_pass import pass_dtype
+    from aiva_monai.networks import PreActResUNet
+
+    load = os.getloadavg()
+    start = time.perf_counter()
+    source, target = datasets(args)
+    print(f"data: {len(source)} source + {len(target)} target slices, cached in {time.perf_counter() - start:.0f} s")
+    network = PreActResUNet()
+    network.load_state_dict(
+        torch.load(REPOSITORY / "bundles" / "aiva_brain" / "models" / "model.pt", map_location="cpu", weights_only=True)
+    )
+    network.to(args.device)
+    trainer, handler, marks = build(network, source, target, args)
+    start = time.perf_counter()
+    trainer.run()
+    end = time.perf_counter()
+    report = {
+        "machine": f"{os.cpu_count()} CPUs, load average at start {load[0]:.1f}, at end {os.getloadavg()[0]:.1f}",
+        "threads": args.threads,
+        "tsne_jobs": args.tsne_jobs,
+        "precision": f"{args.precision} ({pass_dtype(args.device, args.precision)})",
+        "n_source": len(source),
+        "n_target": len(target),
+        "epoch_length": args.epoch_length,
+        "wall_seconds": end - start,
+        # the rounds' log (the training steps themselves log nothing here): the synchronous round, and the
+        # background round from its launch to the step after which it was found finished
+        "longest_log_silence_synchronous_round": silences.longest(marks["epoch_started"][1], marks["handler_done"][1]),
+        "longest_log_silence_background_round": silences.longest(
+            marks["epoch_started"][2],
+            marks["steps"][(marks["round_done_after_step"] or len(marks["steps"])) - 1][1],
+        ),
+        **summarise(trainer, handler, marks),
+    }
+    if not report["round_finished"]:
+        print("WARNING: the background round had not finished by the end of epoch 2: raise --epoch-length.")
+    stages = ("embed", "pca", "tsne", "kmeans", "match", "means", "wait")
+    print(f"\n## A clustering round's cost to AIVA training: {len(source)} + {len(target)} slices; {report['machine']}")
+    print(f"torch threads {args.threads}, openTSNE threads {args.tsne_jobs}, embedding pass {report['precision']}\n")
+    print("| round | training waited s | " + " | ".join(f"{s} s" for s in stages) + " |")
+    print("|---" * (2 + len(stages)) + "|")
+    for name, row, waited in (
+        ("synchronous (epoch 1)", report["synchronous_round_stages"], report["waited_epoch_1_synchronous_round"]),
+        (
+            "overlapped (launched epoch 2, collected epoch 3)",
+            report["background_round_stages"],
+            report["waited_epoch_2_launch"] + report["waited_epoch_3_collect"],
+        ),
+    ):
+        cells = " | ".join(f"{row.get('time_' + s, float('nan')):.1f}" for s in stages)
+        print(f"| {name} | {waited:.2f} | {cells} |")
+    print(
+        f"\nseconds per AIVA step: {report['seconds_per_step_plain']:.3f} without a round in the background, "
+        f"{report['seconds_per_step_beside_background_round']:.3f} beside it "
+        f"({report['steps_beside_background_round']} steps)"
+    )
+    print(f"\n| a round every {PAPER_STEPS} steps | clustering's share of AIVA's wall time |\n|---|---|")
+    print(f"| synchronous (the bundle's default) | {100 * report['share_synchronous']:.1f} % |")
+    print(f"| overlapped, embedding in the background | {100 * report['share_overlapped']:.1f} % |")
+    print(
+        f"\nlongest silence in the log: {report['longest_log_silence_synchronous_round']:.1f} s during the synchronous "
+        f"round, {report['longest_log_silence_background_round']:.1f} s during the background one; "
+        f"run {report['wall_seconds']:.0f} s"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
