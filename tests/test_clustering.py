@@ -166,6 +166,11 @@ def test_settings_are_one_frozen_object_built_from_a_bundle_dict():
     with pytest.raises(ValueError, match="overlap_embedding .* set overlap too"):
         ClusteringSettings(overlap_embedding=True)
     assert ClusteringSettings(overlap=True, overlap_embedding=True).overlap_embedding
+    for lead in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="overlap_lead_steps"):
+            ClusteringSettings(overlap=True, overlap_lead_steps=lead)
+    with pytest.raises(ValueError, match="> 0 only with overlap"):
+        ClusteringSettings(overlap_lead_steps=10)
     for cell in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="tsne_fft_cell must be a positive number"):
             ClusteringSettings(tsne_fft_cell=cell)

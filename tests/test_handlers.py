@@ -282,3 +282,55 @@ def test_shutdown_stops_a_background_embedding_pass_within_a_batch(sites, caplog
     lines = [r.getMessage() for r in caplog.records]
     assert any(line.startswith("AIVA epoch 2 (background): embedding pass: ") for line in lines)
     assert not any("630/630" in line for line in lines)  # stopped, not finished
+
+
+def test_overlap_lead_steps_launches_ahead_and_uses_the_round_at_its_due_epoch(sites):
+    from aiva_monai.embedding import embed_and_cluster
+    from aiva_monai.networks import BottleneckTap, PreActResUNet
+
+    def run():
+        settings = {"overlap": True, "overlap_embedding": True, "overlap_lead_steps": 2}
+        trainer, handler = make_trainer(*sites, max_epochs=3, epoch_length=4, handler_options={"settings": settings})
+        used, weights = [], {}
+        trainer.add_event_handler(
+            Events.ITERATION_COMPLETED,
+            lambda e: weights.setdefault(e.state.iteration, copy.deepcopy(e.network.state_dict())),
+        )
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: used.append(e.state.aiva_assignment.epoch))
+        trainer.run()
+        return trainer, handler, used, weights
+
+    trainer, handler, used, weights = run()
+    # round 1 synchronously; the rounds of epochs 2 and 3 launched after steps 2 and 6 and used from their epochs
+    assert used == [1] * 4 + [2] * 4 + [3] * 4
+    assert [h["epoch"] for h in handler.history] == [1, 2, 3] and not handler.background.running
+    network = PreActResUNet(channels=(4, 8, 16), blocks_per_level=1)
+    network.load_state_dict(weights[6])  # the weights after step 6: two steps before epoch 3
+    with BottleneckTap(network) as tap:
+        settings = handler.settings.replace(overlap=False, overlap_embedding=False, overlap_lead_steps=0)
+        synchronous = embed_and_cluster(network, tap, *sites, 3, settings)
+    for name in ("source_labels", "target_labels", "embedding", "match"):
+        np.testing.assert_array_equal(getattr(handler.clustering, name), getattr(synchronous, name))
+    assert torch.equal(handler.clustering.source_means, synchronous.source_means)
+    again = run()
+    assert again[2] == used
+    for key, value in trainer.network.state_dict().items():
+        assert torch.equal(again[0].network.state_dict()[key], value), key
+    # a lead of a whole interval cannot be honoured
+    bad = {"overlap": True, "overlap_lead_steps": 4}
+    trainer, _ = make_trainer(*sites, max_epochs=2, epoch_length=4, handler_options={"settings": bad})
+    with pytest.raises(ValueError, match="overlap_lead_steps \\(4\\) must be less than the steps between two rounds"):
+        trainer.run()
+
+
+def test_an_error_during_adaptation_is_raised_not_swallowed(sites):
+    # ignite re-raises only when no EXCEPTION_RAISED handler exists; the clustering handler registers one
+    trainer, handler = make_trainer(*sites, max_epochs=2, epoch_length=2)
+
+    def fail(engine):
+        raise RuntimeError("planted failure at step 3")
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3), fail)
+    with pytest.raises(RuntimeError, match="planted failure at step 3"):
+        trainer.run()
+    assert trainer.state.iteration == 3 and not handler.background.running

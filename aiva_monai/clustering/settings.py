@@ -108,6 +108,11 @@ class ClusteringSettings:
             waits only for those copies and, at the next due epoch, for the source means. Same clusters as
             ``overlap`` alone (same weights); the pass competes with training for the machine, so use it
             where a core (or the GPU's idle time) is free: on a CPU, train with fewer torch threads than cores.
+        overlap_lead_steps: with ``overlap``: 0 launches each round when its epoch is due and uses it one
+            clustering interval later (one interval stale); N > 0 launches it N training steps before the next
+            due epoch and uses it from that epoch on (N steps stale, not an interval). Choose N a little above
+            the round's length in training steps, or training waits for the rest at the due epoch; it must be
+            less than one interval (``interval * epoch_length``).
         log_every_s: at most this many seconds between two progress lines of a round in the log.
     """
 
@@ -139,6 +144,7 @@ class ClusteringSettings:
     n_jobs: int = -1
     overlap: bool = False
     overlap_embedding: bool = False
+    overlap_lead_steps: int = 0
     log_every_s: float = 10.0
 
     def __post_init__(self) -> None:
@@ -168,6 +174,10 @@ class ClusteringSettings:
             raise ValueError(f"perplexity must be positive, got {self.perplexity}.")
         if self.slice_position < 0 or not np.isfinite(self.slice_position):
             raise ValueError(f"slice_position (a weight) must be a finite number >= 0, got {self.slice_position}.")
+        if isinstance(self.overlap_lead_steps, bool) or not float(self.overlap_lead_steps).is_integer():
+            raise ValueError(f"overlap_lead_steps must be a whole number, got {self.overlap_lead_steps!r}.")
+        if self.overlap_lead_steps < 0 or (self.overlap_lead_steps and not self.overlap):
+            raise ValueError(f"overlap_lead_steps ({self.overlap_lead_steps}) must be >= 0, and > 0 only with overlap.")
         if self.overlap_embedding and not self.overlap:
             raise ValueError("overlap_embedding runs the embedding pass of an overlapped round: set overlap too.")
         if self.store_memory_mb < 0:

@@ -62,7 +62,9 @@ class AIVAClusteringHandler:
     means used in an epoch come from the network of one clustering interval earlier (one round stale; in
     return, only the embedding pass stops training). With ``settings.overlap_embedding`` that pass too runs
     in the background (``BackgroundRound``: a thread, on copies of the network taken at the due epoch), and
-    training waits only for those copies and, at the next due epoch, for the source means. The result is
+    training waits only for those copies and, at the next due epoch, for the source means. With
+    ``settings.overlap_lead_steps`` = N > 0 a round is launched N steps before its due epoch starts (at
+    ``ITERATION_COMPLETED``) and used from that epoch: N steps stale instead of one interval. The result is
     the same whatever the timing, with or without ``overlap_embedding`` (the weights at the due epoch decide
     it; the background process computes exactly ``cluster_sketches``), and ``state_dict()`` waits for a
     round in flight, so resuming from a checkpoint is exact. Under torch.distributed it falls back to
@@ -125,8 +127,10 @@ class AIVAClusteringHandler:
                     f"the {site} dataset has {len(dataset)}{thinned} slices, fewer than n_clusters={self.n_clusters}."
                 )
         engine.add_event_handler(Events.EPOCH_STARTED, self)
+        if self.settings.overlap_lead_steps:
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._launch_ahead)
         engine.add_event_handler(Events.COMPLETED, lambda _: self.shutdown())
-        engine.add_event_handler(Events.EXCEPTION_RAISED, lambda _, __: self.shutdown())
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._exception_raised)
 
     def __call__(self, engine: Engine) -> None:
         epoch = engine.state.epoch
@@ -134,10 +138,12 @@ class AIVAClusteringHandler:
         for key in [k for k in engine.state.metrics if k.startswith("aiva_time_") or k == "aiva_round_seconds"]:
             del engine.state.metrics[key]
         start, acted = time.perf_counter(), False
-        if self.clustering is None or (due and self.clustered_epoch != epoch and not self._overlapping()):
+        overlapping = self._overlapping()
+        ahead = overlapping and self.settings.overlap_lead_steps > 0
+        if self.clustering is None or (due and self.clustered_epoch != epoch and not overlapping):
             self.run_clustering(engine)
             acted = True
-        elif due and self.clustered_epoch != epoch and self._launched_epoch() != epoch:
+        elif due and self.clustered_epoch != epoch and (ahead or self._launched_epoch() != epoch):
             acted = True
             self._collect()
             if self.pending is not None:
@@ -147,7 +153,9 @@ class AIVAClusteringHandler:
                     f"AIVA epoch {epoch}: training with the clusters of epoch {self.clustered_epoch} "
                     "(computed in the background)"
                 )
-            if epoch + self.interval <= engine.state.max_epochs:  # else no epoch would use the round
+            if ahead and self.clustered_epoch != epoch:  # none was launched for this epoch: cluster now
+                self.run_clustering(engine)
+            elif not ahead and epoch + self.interval <= engine.state.max_epochs:  # else no epoch would use it
                 self._launch(engine)
         waited = time.perf_counter() - start
         if len(self.history) > self._reported:  # a round finished since the last epoch started: its times
@@ -266,8 +274,27 @@ class AIVAClusteringHandler:
     def _launched_epoch(self) -> int | None:
         return self.background.epoch if self.background.epoch is not None else self.pending_epoch
 
-    def _launch(self, engine: Engine) -> None:
+    def _launch_ahead(self, engine: Engine) -> None:
+        """``overlap_lead_steps`` > 0: launch the next due epoch's round that many steps before it starts."""
+        if not self._overlapping():
+            return
+        lead, per_interval = self.settings.overlap_lead_steps, self.interval * engine.state.epoch_length
+        if lead >= per_interval:
+            raise ValueError(
+                f"overlap_lead_steps ({lead}) must be less than the steps between two rounds ({per_interval})."
+            )
         epoch = engine.state.epoch
+        due = epoch + self.interval - (epoch - 1) % self.interval
+        if due > engine.state.max_epochs or engine.state.iteration != (due - 1) * engine.state.epoch_length - lead:
+            return
+        if self.background.epoch == due or self.pending_epoch == due:
+            return
+        self._launch(engine, due, f"step {engine.state.iteration}, ")
+
+    def _launch(self, engine: Engine, epoch: int | None = None, at: str = "") -> None:
+        """Launch the round used from ``epoch + interval`` (``overlap_lead_steps`` 0), or from ``epoch``."""
+        used_from = engine.state.epoch + self.interval if epoch is None else epoch
+        epoch = engine.state.epoch if epoch is None else epoch
         settings = self._settings_for(engine)
         if settings.overlap_embedding:  # log lines only: a bar would interleave with the training's
             reporter = RoundProgress(self.logger, f"AIVA epoch {epoch} (background): ", settings.log_every_s)
@@ -285,7 +312,7 @@ class AIVAClusteringHandler:
             reporter,
             init_embedding=self._previous_embedding(),
         )
-        self.logger.info(f"AIVA epoch {epoch}: {what}, used from epoch {epoch + self.interval}")
+        self.logger.info(f"AIVA epoch {engine.state.epoch}, {at}{what}, used from epoch {used_from}")
 
     def _collect(self) -> None:
         """Wait for the round in flight (if any), sum its source means from the store, keep it as pending."""
@@ -293,6 +320,12 @@ class AIVAClusteringHandler:
         if collected is not None:
             self.pending_epoch, self.pending = collected
             self._record(*collected)
+
+    def _exception_raised(self, engine: Engine, exception: BaseException) -> None:
+        # ignite re-raises an exception only when no EXCEPTION_RAISED handler is registered: raise it again
+        # (as MONAI's StatsHandler does), or a failed run would end as if it had completed
+        self.shutdown()
+        raise exception
 
     def shutdown(self) -> None:
         """Stop the background thread and process (a round in flight is abandoned)."""
