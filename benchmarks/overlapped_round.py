@@ -83,7 +83,14 @@ def build(network, source, target, args):
         overlap_lead_steps=args.lead_steps,
     )
     handler = AIVAClusteringHandler(source, target, 12, settings=settings, progress=False, name="aiva_monai.bench")
-    marks = {"epoch_started": {}, "handler_done": {}, "steps": [], "launched_at_step": [], "done_after_step": []}
+    marks = {
+        "epoch_started": {},
+        "handler_done": {},
+        "steps": [],
+        "launched_rounds": [],  # the epoch each background round is labelled with, in launch order
+        "launched_at_step": [],
+        "done_after_step": [],
+    }
 
     def before_handler(engine):  # attached before the handler: runs ahead of it
         marks["epoch_started"][engine.state.epoch] = time.perf_counter()
@@ -96,8 +103,9 @@ def build(network, source, target, args):
 
     def step_done(engine):  # attached after the handler: a launch at this step is in its time
         marks["steps"].append((engine.state.epoch, time.perf_counter()))
-        in_flight = handler.background.epoch
-        if in_flight is not None and len(marks["launched_at_step"]) == len(marks["done_after_step"]):
+        in_flight = handler.background.epoch  # stays set until the round is collected
+        if in_flight is not None and (not marks["launched_rounds"] or marks["launched_rounds"][-1] != in_flight):
+            marks["launched_rounds"].append(in_flight)
             marks["launched_at_step"].append(len(marks["steps"]))
         if len(marks["launched_at_step"]) > len(marks["done_after_step"]) and handler.background.done():
             marks["done_after_step"].append(len(marks["steps"]))
@@ -143,6 +151,14 @@ def summarise(trainer, handler, marks) -> dict:
         "share_synchronous": waited[1] / (waited[1] + paper),
         "share_overlapped": overlapped_cost / (overlapped_cost + paper),
         "overlapped_cost_seconds_per_round": overlapped_cost,
+        "step_end_times": [(epoch, end - marks["epoch_started"][1]) for epoch, end in steps],
+        "handler_start_end_times": {
+            epoch: (
+                marks["epoch_started"][epoch] - marks["epoch_started"][1],
+                marks["handler_done"][epoch] - marks["epoch_started"][1],
+            )
+            for epoch in waited
+        },
     }
 
 

@@ -195,3 +195,45 @@ def test_killed_overlapping_adaptation_resumes_exactly(
     strip = lambda history: [{k: v for k, v in h.items() if not k.startswith("time_")} for h in history]  # noqa: E731
     assert strip(state["clustering"]["history"]) == strip(reference["clustering"]["history"])
     assert [h["epoch"] for h in reference["clustering"]["history"]] == [1, 2, 3]
+
+
+# overlap launched ahead, embedding in the background: each round starts one step before its epoch (after steps
+# 1, 3 and 5) and is used from that epoch, so a checkpoint at an epoch's end carries the next epoch's round
+OVERLAP_AHEAD = {
+    **OVERLAP,
+    "cluster_options#overlap_embedding": True,
+    "cluster_options#overlap_lead_steps": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_overlap_ahead(source_model):
+    folder, common = source_model
+    output = folder / "uninterrupted_overlap_ahead"
+    done = adapt(folder, common, output, extra=OVERLAP_AHEAD)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "step 3, the embedding pass (a background thread)" in done.stderr + done.stdout
+    return final_state(output)
+
+
+def test_killed_adaptation_with_rounds_launched_ahead_resumes_exactly(
+    source_model, uninterrupted_overlap_ahead, tmp_path
+):
+    folder, common = source_model
+    (tmp_path / "run").mkdir()
+    output = tmp_path / "run" / "adapt"
+    killed = adapt(
+        folder, common, output, kill_at="ignite.engine.Events.ITERATION_COMPLETED(once=4)", extra=OVERLAP_AHEAD
+    )
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert [p.name for p in (output / "checkpoints").glob("checkpoint*.pt")] == ["checkpoint_epoch=1.pt"]
+    restarted = adapt(folder, common, output, extra=OVERLAP_AHEAD)
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    name, state, _ = final_state(output)
+    reference_name, reference, _ = uninterrupted_overlap_ahead
+    assert name == reference_name == "checkpoint_epoch=4.pt"
+    for key, value in reference["model"].items():
+        assert torch.equal(state["model"][key], value), key
+    for key in ("source_labels", "target_labels", "match", "source_means"):
+        np.testing.assert_array_equal(np.asarray(state["clustering"][key]), np.asarray(reference["clustering"][key]))
+    assert [h["epoch"] for h in reference["clustering"]["history"]] == [1, 2, 3, 4]
