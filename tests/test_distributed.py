@@ -184,8 +184,18 @@ def test_loss_and_weights_match_the_single_process_run(runs):
         # the rank losses average to the single-process loss (equal per-rank batches)
         for key in ("loss", "seg_loss"):
             assert np.mean([p[key] for p in parts]) == pytest.approx(reference[key], rel=1e-5, abs=1e-6), (step, key)
-    for key, value in single["weights_by_epoch"][2].items():  # after the 4 steps
-        torch.testing.assert_close(ranks[0]["weights_by_epoch"][2][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    # after the 4 steps: DDP moved every weight tensor as the single process did, to within 1 % of how far those steps
+    # moved it (a fixed tolerance would depend on the CPU's convolution kernels: float-rounding differences between a
+    # batch of 8 and two of 4 reached 1.4e-5 relative on an AVX512 CPU; a wrong gradient scale differs by ~100 %)
+    torch.manual_seed(0)
+    start = PreActResUNet(channels=(8, 16, 32, 64), blocks_per_level=1, norm="instance").state_dict()
+    moved = 0
+    for key, value in single["weights_by_epoch"][2].items():
+        movement = float((value.float() - start[key].float()).abs().max())
+        difference = float((ranks[0]["weights_by_epoch"][2][key].float() - value.float()).abs().max())
+        assert difference <= 0.01 * movement + 1e-7, (key, difference, movement)
+        moved += movement > 1e-4
+    assert moved > 0  # the steps did move weights: the comparison above has something to measure
     for key, value in ranks[0]["weights"].items():  # DDP keeps the ranks' replicas identical
         assert torch.equal(ranks[1]["weights"][key], value), key
 
