@@ -1,6 +1,7 @@
 """Main-job (demo) tables: the default rule (target_agreement) vs AdaBN, Dice and surface Dice @ 1 mm, per seed.
 
     python make_table.py "now, 2 threads=new_2t_seed{seed}" "before, 1 thread=old_1t_seed{seed}"
+    python make_table.py --rule last "..."      # another selection rule's checkpoint (default: target_agreement)
 
 Each argument is LABEL=PATTERN; PATTERN names a folder per seed 0, 1, 2 holding summary.md (the copies here) or
 evaluation/summary.md (a run's output folder).
@@ -18,7 +19,7 @@ HEADER = (
 )
 
 
-def target_rows(run: str) -> dict:
+def target_rows(run: str, rule: str = "target_agreement") -> dict:
     """{"source" | "adabn" | "adapted": (Dice, surface Dice @ 1 mm)} of the target test set."""
     summary = Path(run) / "summary.md"
     if not summary.exists():
@@ -29,18 +30,24 @@ def target_rows(run: str) -> dict:
         if not match:
             continue
         name = match.group(1)
-        key = name if name in ("source", "adabn") else "adapted" if "target_agreement" in name else None
+        rules = name[name.find("(") + 1 : name.rfind(")")].split(", ") if "(" in name else []
+        key = name if name in ("source", "adabn") else "adapted" if rule in rules else None
         if key:
             rows[key] = (float(match.group(3)), float(match.group(2)))
     return rows
 
 
 def main() -> None:
-    for label, pattern in (argument.split("=", 1) for argument in sys.argv[1:]):
+    arguments = sys.argv[1:]
+    rule = "target_agreement"
+    if arguments[:1] == ["--rule"]:
+        rule, arguments = arguments[1], arguments[2:]
+    print(f"adapted = the checkpoint of the rule {rule}")
+    for label, pattern in (argument.split("=", 1) for argument in arguments):
         print(f"\n{label}\n\n{HEADER}")
         dice, surface = [], []
         for seed in (0, 1, 2):
-            rows = target_rows(pattern.format(seed=seed))
+            rows = target_rows(pattern.format(seed=seed), rule)
             (adabn_d, adabn_s), (adapted_d, adapted_s) = rows["adabn"], rows["adapted"]
             dice.append(adapted_d - adabn_d)
             surface.append(adapted_s - adabn_s)
