@@ -85,6 +85,22 @@ class EmbeddedSites:
     seconds: float
     source_rows: np.ndarray | None = None
 
+    def cluster(self, n_clusters: int, settings: ClusteringSettings, *, init_embedding=None, progress=None, run=None):
+        """``cluster_sketches`` on these sketches; ``run(function, *args, **kwargs)`` calls it (default: here; e.g.
+        an executor's ``submit``, which then returns a future)."""
+        run = run or (lambda function, *args, **kwargs: function(*args, **kwargs))
+        return run(
+            cluster_sketches,
+            self.source_sketch,
+            self.target_sketch,
+            n_clusters,
+            settings,
+            source_positions=self.source_positions,
+            target_positions=self.target_positions,
+            init_embedding=init_embedding,
+            progress=progress,
+        )
+
     def close(self) -> None:
         if self.store is not None:
             self.store.close()
@@ -222,16 +238,7 @@ def cluster_embedded(
 ) -> SiteClustering:
     """Step 2: ``cluster_sketches`` on the pass's sketches; one result for all ranks (rank 0 computes it)."""
     rank, world_size = distributed_context()
-    run = lambda: cluster_sketches(  # noqa: E731
-        embedded.source_sketch,
-        embedded.target_sketch,
-        n_clusters,
-        settings,
-        source_positions=embedded.source_positions,
-        target_positions=embedded.target_positions,
-        init_embedding=init_embedding,
-        progress=progress,
-    )
+    run = lambda: embedded.cluster(n_clusters, settings, init_embedding=init_embedding, progress=progress)  # noqa: E731
     if world_size == 1:
         result = run()
     else:

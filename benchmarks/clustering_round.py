@@ -111,6 +111,33 @@ class PeakMemory:
         self.extra_mb = self.peak - self.base
 
 
+def configure_run(threads: int, log_format: str = "%(asctime)s %(message)s") -> Silences:
+    """torch threads, log lines to stdout (library INFO, MONAI / ignite warnings only); returns the recorder of the
+    library's log times."""
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format=log_format, stream=sys.stdout)
+    for noisy in ("monai", "ignite", "py.warnings"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    silences = Silences()
+    logging.getLogger("aiva_monai").addHandler(silences)
+    return silences
+
+
+def shipped_source_model(device):
+    """The brain bundle's shipped IXI-HH source model (``models/model.pt``) on ``device``."""
+    import torch
+
+    from aiva_monai.networks import PreActResUNet
+
+    network = PreActResUNet()
+    network.load_state_dict(
+        torch.load(REPOSITORY / "bundles" / "aiva_brain" / "models" / "model.pt", map_location="cpu", weights_only=True)
+    )
+    return network.to(device)
+
+
 def datasets(args):
     from aiva_monai.bundle import entries
     from aiva_monai.data import SliceDataset, volume_transforms
@@ -541,18 +568,10 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write every number here")
     args = parser.parse_args()
 
-    import torch
-
-    torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
-    for noisy in ("monai", "ignite", "py.warnings"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    silences = Silences()
-    logging.getLogger("aiva_monai").addHandler(silences)
+    silences = configure_run(args.threads)
 
     from aiva_monai.clustering import ClusteringSettings
     from aiva_monai.network_pass import pass_dtype
-    from aiva_monai.networks import PreActResUNet
 
     load = os.getloadavg()
     start = time.perf_counter()
@@ -562,11 +581,7 @@ def main() -> None:
         f"({args.target_subjects} subjects, simulated scanner 'strong'), 128 x 128, "
         f"cached in {time.perf_counter() - start:.0f} s"
     )
-    network = PreActResUNet()
-    network.load_state_dict(
-        torch.load(REPOSITORY / "bundles" / "aiva_brain" / "models" / "model.pt", map_location="cpu", weights_only=True)
-    )
-    network.to(args.device)
+    network = shipped_source_model(args.device)
     new = ClusteringSettings(batch_size=args.batch, n_jobs=args.tsne_jobs, precision=args.precision)
     today = new.replace(**TODAY, precision="auto")
     report = {

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -42,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from clustering_round import REPOSITORY, Silences, datasets  # noqa: E402
+from clustering_round import REPOSITORY, configure_run, datasets, shipped_source_model  # noqa: E402
 
 PAPER_STEPS = 1000
 
@@ -183,27 +182,15 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write every number here")
     args = parser.parse_args()
 
-    import torch
-
-    torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(threadName)s %(message)s", stream=sys.stdout)
-    for noisy in ("monai", "ignite", "py.warnings"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    silences = Silences()
-    logging.getLogger("aiva_monai").addHandler(silences)
+    silences = configure_run(args.threads, "%(asctime)s %(threadName)s %(message)s")
 
     from aiva_monai.network_pass import pass_dtype
-    from aiva_monai.networks import PreActResUNet
 
     load = os.getloadavg()
     start = time.perf_counter()
     source, target = datasets(args)
     print(f"data: {len(source)} source + {len(target)} target slices, cached in {time.perf_counter() - start:.0f} s")
-    network = PreActResUNet()
-    network.load_state_dict(
-        torch.load(REPOSITORY / "bundles" / "aiva_brain" / "models" / "model.pt", map_location="cpu", weights_only=True)
-    )
-    network.to(args.device)
+    network = shipped_source_model(args.device)
     trainer, handler, marks = build(network, source, target, args)
     start = time.perf_counter()
     trainer.run()

@@ -177,16 +177,23 @@ def uninterrupted_overlap(source_model):
 def test_killed_overlapping_adaptation_resumes_exactly(
     source_model, uninterrupted_overlap, tmp_path, kill_at, resumed_from
 ):
+    state, reference = kill_and_resume(source_model, tmp_path, kill_at, resumed_from, OVERLAP, uninterrupted_overlap)
+    assert [h["epoch"] for h in reference["clustering"]["history"]] == [1, 2, 3]
+
+
+def kill_and_resume(source_model, tmp_path, kill_at, resumed_from, extra, uninterrupted_run):
+    """Kill a run at ``kill_at``, restart it with the same command, check it ends as ``uninterrupted_run`` (weights,
+    clustering, round history); returns (its final state, the reference's)."""
     folder, common = source_model
     (tmp_path / "run").mkdir()
     output = tmp_path / "run" / "adapt"
-    killed = adapt(folder, common, output, kill_at=kill_at, extra=OVERLAP)
+    killed = adapt(folder, common, output, kill_at=kill_at, extra=extra)
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert [p.name for p in (output / "checkpoints").glob("checkpoint*.pt")] == [resumed_from]
-    restarted = adapt(folder, common, output, extra=OVERLAP)
+    restarted = adapt(folder, common, output, extra=extra)
     assert restarted.returncode == 0, restarted.stderr[-3000:]
-    name, state, best = final_state(output)
-    reference_name, reference, reference_best = uninterrupted_overlap
+    name, state, _ = final_state(output)
+    reference_name, reference, _ = uninterrupted_run
     assert name == reference_name == "checkpoint_epoch=4.pt"
     for key, value in reference["model"].items():
         assert torch.equal(state["model"][key], value), key
@@ -194,7 +201,7 @@ def test_killed_overlapping_adaptation_resumes_exactly(
         np.testing.assert_array_equal(np.asarray(state["clustering"][key]), np.asarray(reference["clustering"][key]))
     strip = lambda history: [{k: v for k, v in h.items() if not k.startswith("time_")} for h in history]  # noqa: E731
     assert strip(state["clustering"]["history"]) == strip(reference["clustering"]["history"])
-    assert [h["epoch"] for h in reference["clustering"]["history"]] == [1, 2, 3]
+    return state, reference
 
 
 # overlap launched ahead, embedding in the background: each round starts one step before its epoch (after steps
@@ -219,21 +226,8 @@ def uninterrupted_overlap_ahead(source_model):
 def test_killed_adaptation_with_rounds_launched_ahead_resumes_exactly(
     source_model, uninterrupted_overlap_ahead, tmp_path
 ):
-    folder, common = source_model
-    (tmp_path / "run").mkdir()
-    output = tmp_path / "run" / "adapt"
-    killed = adapt(
-        folder, common, output, kill_at="ignite.engine.Events.ITERATION_COMPLETED(once=4)", extra=OVERLAP_AHEAD
+    kill = "ignite.engine.Events.ITERATION_COMPLETED(once=4)"  # a round for epoch 3 in flight since step 3
+    _, reference = kill_and_resume(
+        source_model, tmp_path, kill, "checkpoint_epoch=1.pt", OVERLAP_AHEAD, uninterrupted_overlap_ahead
     )
-    assert killed.returncode == -9, killed.stderr[-3000:]
-    assert [p.name for p in (output / "checkpoints").glob("checkpoint*.pt")] == ["checkpoint_epoch=1.pt"]
-    restarted = adapt(folder, common, output, extra=OVERLAP_AHEAD)
-    assert restarted.returncode == 0, restarted.stderr[-3000:]
-    name, state, _ = final_state(output)
-    reference_name, reference, _ = uninterrupted_overlap_ahead
-    assert name == reference_name == "checkpoint_epoch=4.pt"
-    for key, value in reference["model"].items():
-        assert torch.equal(state["model"][key], value), key
-    for key in ("source_labels", "target_labels", "match", "source_means"):
-        np.testing.assert_array_equal(np.asarray(state["clustering"][key]), np.asarray(reference["clustering"][key]))
     assert [h["epoch"] for h in reference["clustering"]["history"]] == [1, 2, 3, 4]

@@ -8,7 +8,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from aiva_monai.clustering import ClusteringSettings, SiteClustering, cluster_sketches
+from aiva_monai.clustering import ClusteringSettings, SiteClustering
 from aiva_monai.embedding import EmbeddedSites, compute_source_means, embed_sites
 from aiva_monai.handlers.background import background_executor
 from aiva_monai.network_pass import NetworkPass, site_snapshots
@@ -91,17 +91,8 @@ class BackgroundRound:
             self._process = background_executor()
         process, background_settings = self._process, settings.replace(pca_device=None)
 
-        def cluster(embedded: EmbeddedSites):
-            return process.submit(
-                cluster_sketches,
-                embedded.source_sketch,
-                embedded.target_sketch,
-                n_clusters,
-                background_settings,
-                source_positions=embedded.source_positions,
-                target_positions=embedded.target_positions,
-                init_embedding=init_embedding,
-            )
+        def cluster(embedded: EmbeddedSites):  # a future of the round's SiteClustering
+            return embedded.cluster(n_clusters, background_settings, init_embedding=init_embedding, run=process.submit)
 
         if not settings.overlap_embedding:
             try:
