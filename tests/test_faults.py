@@ -151,14 +151,19 @@ def test_killed_adaptation_resumes_and_ends_like_an_uninterrupted_run(
 OVERLAP = {"cluster_every": 2, "cluster_options#overlap": True}
 
 
+def run_to_the_end(source_model, name, extra, log_line):
+    """An uninterrupted run with ``extra`` whose log shows ``log_line``; its final state."""
+    folder, common = source_model
+    output = folder / name
+    done = adapt(folder, common, output, extra=extra)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert log_line in done.stderr + done.stdout
+    return final_state(output)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted_overlap(source_model):
-    folder, common = source_model
-    output = folder / "uninterrupted_overlap"
-    done = adapt(folder, common, output, extra=OVERLAP)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "run in a background process, used from epoch 3" in done.stderr + done.stdout
-    return final_state(output)
+    return run_to_the_end(source_model, "uninterrupted_overlap", OVERLAP, "background process, used from epoch 3")
 
 
 @pytest.mark.parametrize(
@@ -215,12 +220,8 @@ OVERLAP_AHEAD = {
 
 @pytest.fixture(scope="module")
 def uninterrupted_overlap_ahead(source_model):
-    folder, common = source_model
-    output = folder / "uninterrupted_overlap_ahead"
-    done = adapt(folder, common, output, extra=OVERLAP_AHEAD)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "step 3, the embedding pass (a background thread)" in done.stderr + done.stdout
-    return final_state(output)
+    line = "step 3, the embedding pass (a background thread)"
+    return run_to_the_end(source_model, "uninterrupted_overlap_ahead", OVERLAP_AHEAD, line)
 
 
 def test_killed_adaptation_with_rounds_launched_ahead_resumes_exactly(
