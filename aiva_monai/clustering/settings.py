@@ -105,7 +105,8 @@ class ClusteringSettings:
             training continues with the previous round's clusters (one epoch stale; see the handler).
         overlap_embedding: with ``overlap``, the embedding pass too runs in the background (a thread of the
             training process), on per-site copies of the network taken when the round is due, so training
-            waits only for those copies and, at the next due epoch, for the source means. Same clusters as
+            waits only for those copies and, when the round is collected (the next due epoch, or a checkpoint
+            save before it: ``state_dict`` waits for a round in flight), for the source means. Same clusters as
             ``overlap`` alone (same weights); the pass competes with training for the machine, so use it
             where a core (or the GPU's idle time) is free: on a CPU, train with fewer torch threads than cores.
         overlap_lead_steps: with ``overlap``: 0 launches each round when its epoch is due and uses it one
