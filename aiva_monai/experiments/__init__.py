@@ -6,6 +6,7 @@ python -m aiva_monai.experiments run --preset ixi-sim --output results/ixi_sim -
 python -m aiva_monai.experiments run --preset cc359 --dataset_dir /data/CC359 --output results/cc359 --paper-subset
 python -m aiva_monai.experiments run --preset prostate --dataset_dir /data/prostate --output results/prostate
 python -m aiva_monai.experiments report results/ixi_sim
+python -m aiva_monai.experiments compare sync='results/sync_seed*' ahead='results/ahead_seed*'   # settings side by side
 python -m aiva_monai.experiments grid --preset cc359 --paper-subset      # list the cells, run nothing
 ```
 
@@ -26,10 +27,11 @@ runner (Linux), and ``<output>/.lock`` keeps a second runner off the same folder
 
 The package, one idea a module: ``grid`` (methods, presets, cells), ``store`` (the results file, the folder
 lock, reading records), ``runner`` (one cell through ``monai.bundle`` subprocesses), ``matrix`` (every cell,
-resumable), ``report`` (tables), ``figures``, ``cli`` (the command line).
+resumable), ``report`` (tables), ``compare`` (conditions side by side), ``figures``, ``cli`` (the command line).
 """
 
 from aiva_monai.experiments.cli import main, subset_datalist
+from aiva_monai.experiments.compare import compare_table, load_conditions, setting_differences, write_comparison
 from aiva_monai.experiments.figures import k_figure, qualitative_figure
 from aiva_monai.experiments.grid import (
     AIVA_METHODS,
@@ -61,9 +63,11 @@ __all__ = [
     "Preset",
     "ResultsFile",
     "cc359_pairs",
+    "compare_table",
     "git_commit",
     "grid",
     "k_figure",
+    "load_conditions",
     "main",
     "per_seed_table",
     "qualitative_figure",
@@ -72,6 +76,8 @@ __all__ = [
     "run_bundle",
     "run_matrix",
     "selection_table",
+    "setting_differences",
     "subset_datalist",
+    "write_comparison",
     "write_report",
 ]

@@ -1,4 +1,4 @@
-"""The command line: ``python -m aiva_monai.experiments run | grid | report``."""
+"""The command line: ``python -m aiva_monai.experiments run | grid | report | compare``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from aiva_monai.experiments.compare import write_comparison
 from aiva_monai.experiments.grid import DEFAULT_K, METHOD_ORDER, PRESETS, grid
 from aiva_monai.experiments.matrix import run_matrix
 from aiva_monai.experiments.report import write_report
@@ -109,10 +110,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.add_argument("results", help="the matrix folder or its results.jsonl")
     report.add_argument("--out", default=None, help="report folder (default <results folder>/report)")
     report.add_argument("--no-figures", action="store_true")
+    compare = commands.add_parser(
+        "compare", help="the same cells under different settings, one results folder (or glob of them) per condition"
+    )
+    compare.add_argument(
+        "conditions",
+        nargs="+",
+        metavar="NAME=PATTERN",
+        help="e.g. sync='results/sync_seed*'; the first is the reference",
+    )
+    compare.add_argument("--metrics", nargs="+", default=["surface_dice_1mm", "dice"])
+    compare.add_argument("--method", default="aiva", choices=list(METHOD_ORDER))
+    compare.add_argument(
+        "--rules",
+        nargs="+",
+        default=["target_agreement", "last"],
+        choices=list(SELECTION_RULES),
+        help="label-free selection rules whose picks are compared; the first also gives the margin over AdaBN",
+    )
+    compare.add_argument("--out", default=None, help="also write compare.md and compare_<metric>.csv here")
     args = parser.parse_args(argv)
 
     if args.command == "report":
         write_report(args.results, args.out, figures=not args.no_figures)
+        return 0
+    if args.command == "compare":
+        print(write_comparison(args.conditions, args.metrics, args.method, args.rules, out=args.out), end="")
         return 0
     cells = grid(args.preset, args.methods, args.seeds, args.k, args.steps, args.paper_subset)
     if args.targets:

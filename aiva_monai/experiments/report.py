@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import shutil
 from collections import defaultdict
@@ -14,7 +12,7 @@ import numpy as np
 
 from aiva_monai.experiments.figures import k_figure, qualitative_figure
 from aiva_monai.experiments.grid import AIVA_METHODS, DEFAULT_K, METHOD_ORDER, PRESETS
-from aiva_monai.experiments.store import METRIC_TITLES, RESULTS_NAME, ResultsFile, row_label, target_mean
+from aiva_monai.experiments.store import METRIC_TITLES, RESULTS_NAME, ResultsFile, row_label, target_mean, write_csv
 from aiva_monai.methods import reads_target_labels
 from aiva_monai.selection import SELECTION_RULES
 
@@ -149,17 +147,6 @@ def _csv_row(row: str, methods: Sequence[str], values: Sequence[list[float]]) ->
     return out
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    from aiva_monai.io import write_text_atomic
-
-    buffer = io.StringIO()
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    writer = csv.DictWriter(buffer, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(path, buffer.getvalue())
-
-
 def render_report(records: list[dict], metrics: Sequence[str] | None = None) -> tuple[str, dict[str, list[dict]]]:
     """The markdown report (one table per metric, notes on selection and label use) and the CSV rows per metric."""
     records = [r for r in records if r.get("status", "ok") == "ok"]
@@ -242,7 +229,7 @@ def write_report(output: str | Path, report_dir: str | Path | None = None, figur
     files = {"markdown": write_text_atomic(report_dir / "results.md", markdown)}
     for metric, rows in tables.items():
         path = report_dir / f"table_{metric}.csv"
-        _write_csv(path, rows)
+        write_csv(path, rows)
         files[f"csv_{metric}"] = path
     if figures:
         preset = PRESETS.get(records[0]["dataset"]) if records else None

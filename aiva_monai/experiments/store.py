@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import os
@@ -94,3 +96,15 @@ def target_mean(record: dict, metric: str) -> float | None:
         v[metric] for v in record.get("volumes", []) if v.get("set") == "target test" and v.get(metric) is not None
     ]
     return float(np.mean(values)) if values else None
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """``rows`` (dicts; the union of their keys as columns, in first-seen order) as a CSV file, written atomically."""
+    from aiva_monai.io import write_text_atomic
+
+    buffer = io.StringIO()
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buffer.getvalue())

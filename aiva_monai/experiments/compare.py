@@ -1,0 +1,198 @@
+"""Comparing conditions: the same cells run with different settings (one results folder per condition), side
+by side per seed, under each label-free selection rule, with the paired differences and the margin over AdaBN."""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from aiva_monai.experiments.store import METRIC_TITLES, RESULTS_NAME, ResultsFile, row_label, target_mean, write_csv
+from aiva_monai.methods import reads_target_labels
+
+__all__ = ["load_conditions", "compare_table", "setting_differences"]
+
+
+def _results_files(pattern: str) -> list[Path]:
+    paths = sorted(Path(p) for p in glob.glob(pattern)) or [Path(pattern)]
+    files = [p / RESULTS_NAME if p.is_dir() else p for p in paths]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"no results file at {', '.join(missing)} (pattern {pattern!r}).")
+    return files
+
+
+def load_conditions(specs: Sequence[str]) -> dict[str, list[dict]]:
+    """``["NAME=PATTERN", ...]`` -> {NAME: the finished records of every results file the glob PATTERN matches
+    (a matrix folder or its results.jsonl)}, in the order given; the first condition is the reference."""
+    conditions: dict[str, list[dict]] = {}
+    for spec in specs:
+        name, sep, pattern = spec.partition("=")
+        if not sep or not name or not pattern:
+            raise ValueError(f"a condition is NAME=PATTERN (e.g. sync='results/sync_seed*'), got {spec!r}.")
+        if name in conditions:
+            raise ValueError(f"condition {name!r} given twice.")
+        records = [r for f in _results_files(pattern) for r in ResultsFile(f).records()]
+        conditions[name] = [r for r in records if r.get("status", "ok") == "ok"]
+    return conditions
+
+
+def _value(record: dict, metric: str, rule: str | None) -> float | None:
+    if rule is None or rule == record.get("selection"):
+        return target_mean(record, metric)
+    volumes = record.get("rule_volumes", {}).get(rule)
+    return None if volumes is None else target_mean({"volumes": volumes}, metric)
+
+
+def _by_cell(records: list[dict], method: str, k: int | None) -> dict[tuple[str, int], dict]:
+    out: dict[tuple[str, int], dict] = {}
+    for record in records:
+        if record.get("method") != method or (k is not None and record.get("k") not in (None, k)):
+            continue
+        key = (row_label(record), int(record["seed"]))
+        if key in out:
+            raise ValueError(f"two {method} records for {key[0]}, seed {key[1]} in one condition ({record['cell']}).")
+        out[key] = record
+    return out
+
+
+def _shared_value(conditions: dict[str, list[dict]], method: str, key, metric: str) -> float | None:
+    # a baseline (source, AdaBN) may be in any condition's folder; where it is in several it must agree
+    values = {
+        round(v, 6)
+        for records in conditions.values()
+        for record in [_by_cell(records, method, None).get(key)]
+        if record is not None and (v := target_mean(record, metric)) is not None
+    }
+    if len(values) > 1:
+        raise ValueError(f"{method} differs between the conditions for {key[0]}, seed {key[1]}: {sorted(values)}.")
+    return values.pop() if values else None
+
+
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def _cell(value, signed: bool) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:+.2f}" if signed else f"{value:.2f}"
+    return str(value)
+
+
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "-"
+    sd = f" +/- {np.std(values, ddof=1):.2f}" if len(values) > 1 else ""
+    return f"{np.mean(values):+.2f}{sd}"
+
+
+def compare_table(
+    conditions: dict[str, list[dict]],
+    metric: str,
+    method: str = "aiva",
+    rules: Sequence[str] = ("target_agreement", "last"),
+    bar: str = "adabn",
+    k: int | None = None,
+) -> tuple[str, list[dict]]:
+    """``metric`` (mean over the target test volumes, %) of ``method``'s pick under each rule, one row per
+    (target, seed) that every condition has: the source model, ``bar`` and the oracle (marked ``*``: it reads target
+    labels) where a condition's folder has them, each
+    condition's value per rule, each later condition minus the first (paired, per rule) and each condition
+    minus ``bar`` under ``rules[0]``; a last row gives mean +/- sd over rows of the differences.
+
+    Returns (markdown, csv rows); raises ValueError when the conditions share no cell."""
+    names = list(conditions)
+    cells = {name: _by_cell(records, method, k) for name, records in conditions.items()}
+    keys = sorted(set.intersection(*(set(c) for c in cells.values())))
+    if not keys:
+        raise ValueError(f"the conditions {names} have no {method} cell (target, seed) in common.")
+    baselines = ["source", bar] + (["oracle"] if any(_by_cell(r, "oracle", None) for r in conditions.values()) else [])
+    labels = {b: f"{b}*" if reads_target_labels(b) else b for b in baselines}
+    header = ["target", "seed", *labels.values()]
+    header += [f"{name}, {rule}" for rule in rules for name in names]
+    header += [f"{name} - {names[0]}, {rule}" for rule in rules for name in names[1:]]
+    header += [f"{name} - {bar}, {rules[0]}" for name in names]
+    rows = []
+    for key in keys:
+        shared = {b: _shared_value(conditions, b, key, metric) for b in baselines}
+        values = {(n, r): _value(cells[n][key], metric, r) for n in names for r in rules}
+        row = {"target": key[0], "seed": key[1], **{labels[b]: v for b, v in shared.items()}}
+        row.update({f"{n}, {r}": values[(n, r)] for r in rules for n in names})
+        row.update(
+            {f"{n} - {names[0]}, {r}": _minus(values[(n, r)], values[(names[0], r)]) for r in rules for n in names[1:]}
+        )
+        row.update({f"{n} - {bar}, {rules[0]}": _minus(values[(n, rules[0])], shared[bar]) for n in names})
+        rows.append({c: (round(100 * v, 2) if isinstance(v, float) else v) for c, v in row.items()})
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row[c], signed=" - " in c) for c in header) + " |")
+    summary = ["mean +/- sd", ""]
+    for column in header[2:]:
+        values = [row[column] for row in rows if row[column] is not None]
+        if " - " in column:
+            summary.append(_mean_sd(values))
+        else:
+            summary.append(f"{np.mean(values):.2f}" if values else "-")
+    lines.append("| " + " | ".join(summary) + " |")
+    return "\n".join(lines), rows
+
+
+def setting_differences(conditions: dict[str, list[dict]]) -> dict[str, dict[str, str]]:
+    """{override key: {condition: value}} for the bundle overrides (and the code commit) that differ between the
+    conditions; paths (values with a "/") are left out, as every folder has its own."""
+    seen: dict[str, dict[str, set]] = {}
+    for name, records in conditions.items():
+        for record in records:
+            settings = dict(record.get("config", {}).get("overrides", {}), code=record.get("git_commit", "?"))
+            for key, value in settings.items():
+                if key in ("seed",) or (isinstance(value, str) and "/" in value):
+                    continue
+                seen.setdefault(key, {}).setdefault(name, set()).add(json.dumps(value))
+    differ = {}
+    for key, per in seen.items():
+        shown = {name: " or ".join(sorted(per.get(name, {"(default)"}))) for name in conditions}
+        if len(set(shown.values())) > 1:
+            differ[key] = shown
+    return differ
+
+
+def write_comparison(
+    specs: Sequence[str],
+    metrics: Sequence[str],
+    method: str = "aiva",
+    rules: Sequence[str] = ("target_agreement", "last"),
+    bar: str = "adabn",
+    out: str | Path | None = None,
+) -> str:
+    """The comparison of the conditions ``specs`` (``load_conditions``) as markdown: what differs between them
+    (``setting_differences``), then one ``compare_table`` per metric. With ``out``: also ``<out>/compare.md`` and
+    ``<out>/compare_<metric>.csv``, written atomically. Returns the markdown."""
+    from aiva_monai.io import write_text_atomic
+
+    conditions = load_conditions(specs)
+    parts = [f"# {method}: {' vs '.join(conditions)}", "", "Conditions:", ""]
+    parts += [f"- {spec}: {len(conditions[spec.partition('=')[0]])} finished cells" for spec in specs]
+    differences = setting_differences(conditions)
+    parts += ["", "Settings that differ:" if differences else "No setting differs (same code, same overrides).", ""]
+    parts += [f"- `{key}`: " + "; ".join(f"{n} {v}" for n, v in per.items()) for key, per in differences.items()]
+    tables = {}
+    for metric in metrics:
+        markdown, tables[metric] = compare_table(conditions, metric, method, rules, bar)
+        title = METRIC_TITLES.get(metric, metric)
+        parts += ["", f"## {title}, target test volumes (%); picks of the label-free rules {', '.join(rules)}", ""]
+        parts.append(markdown)
+        if any("oracle*" in row for row in tables[metric]):
+            parts += ["", "\\* reads target labels (target-supervised upper bound)."]
+    text = "\n".join(parts) + "\n"
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "compare.md", text)
+        for metric, rows in tables.items():
+            write_csv(out / f"compare_{metric}.csv", rows)
+    return text

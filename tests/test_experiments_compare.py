@@ -1,0 +1,85 @@
+"""``python -m aiva_monai.experiments compare``: conditions side by side, paired, with the margin over AdaBN."""
+
+import json
+import textwrap
+
+import pytest
+
+from aiva_monai.experiments import compare_table, load_conditions, main, setting_differences
+from tests.test_experiments import _record
+
+
+def _aiva(seed, picked, last, overrides=None):
+    record = _record("aiva", "C", seed, picked, k=12)
+    record["selection"] = "target_agreement"
+    record["rule_volumes"] = {
+        "target_agreement": record["volumes"],
+        "last": [{"subject": f"s{i}", "set": "target test", "dice": v} for i, v in enumerate(last)],
+    }
+    record["config"] = {"overrides": {"output_dir": f"/runs/{seed}", "seed": seed, **(overrides or {})}}
+    return record
+
+
+def _write(folder, records):
+    folder.mkdir(parents=True)
+    (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+@pytest.fixture
+def two_conditions(tmp_path):
+    """sync: seeds 0 and 1 with the baselines (source, AdaBN, oracle); ahead: seeds 0, 1 and 2 (2 has no partner) in two folders."""
+    baselines = [_record("source", "C", s, [0.5, 0.5]) for s in (0, 1)]
+    baselines += [_record("adabn", "C", 0, [0.6, 0.7]), _record("adabn", "C", 1, [0.75, 0.75])]
+    baselines += [_record("oracle", "C", s, [0.9, 0.9]) for s in (0, 1)]
+    _write(tmp_path / "sync_all", baselines + [_aiva(0, [0.7, 0.7], [0.6, 0.6]), _aiva(1, [0.8, 0.8], [0.5, 0.5])])
+    ahead = {"cluster_options#overlap": True}
+    _write(tmp_path / "ahead_seed0", [_aiva(0, [0.72, 0.72], [0.66, 0.66], ahead)])
+    _write(tmp_path / "ahead_seed1", [_aiva(1, [0.78, 0.78], [0.54, 0.54], ahead), _aiva(2, [0.9], [0.9], ahead)])
+    return tmp_path
+
+
+def test_compare_pairs_the_seeds_every_condition_has(two_conditions):
+    conditions = load_conditions([f"sync={two_conditions}/sync_all", f"ahead={two_conditions}/ahead_seed*"])
+    markdown, rows = compare_table(conditions, "dice")
+    # hand-computed: ahead - sync = +2, -2 (picked) and +6, +4 (last); minus AdaBN (65, 75): +5, +5 and +7, +3
+    assert markdown == textwrap.dedent("""\
+        | target | seed | source | adabn | oracle* | sync, target_agreement | ahead, target_agreement | sync, last | ahead, last \
+| ahead - sync, target_agreement | ahead - sync, last | sync - adabn, target_agreement | ahead - adabn, target_agreement |
+        |---|---|---|---|---|---|---|---|---|---|---|---|---|
+        | C | 0 | 50.00 | 65.00 | 90.00 | 70.00 | 72.00 | 60.00 | 66.00 | +2.00 | +6.00 | +5.00 | +7.00 |
+        | C | 1 | 50.00 | 75.00 | 90.00 | 80.00 | 78.00 | 50.00 | 54.00 | -2.00 | +4.00 | +5.00 | +3.00 |
+        | mean +/- sd |  | 50.00 | 70.00 | 90.00 | 75.00 | 75.00 | 55.00 | 60.00 | +0.00 +/- 2.83 | +5.00 +/- 1.41 \
+| +5.00 +/- 0.00 | +5.00 +/- 2.83 |""")
+    assert [row["seed"] for row in rows] == [0, 1]  # seed 2 of "ahead" has no synchronous partner
+    assert rows[1]["ahead - sync, last"] == 4.0 and rows[0]["adabn"] == 65.0
+    assert setting_differences(conditions) == {"cluster_options#overlap": {"sync": "(default)", "ahead": "true"}}
+
+
+def test_compare_refuses_what_cannot_be_compared(two_conditions):
+    with pytest.raises(ValueError, match="NAME=PATTERN"):
+        load_conditions([str(two_conditions / "sync_all")])
+    with pytest.raises(FileNotFoundError, match="no results file"):
+        load_conditions([f"x={two_conditions}/nothing*"])
+    conditions = load_conditions([f"sync={two_conditions}/sync_all", f"ahead={two_conditions}/ahead_seed*"])
+    conditions["ahead"] = conditions["ahead"] + [_record("adabn", "C", 0, [0.1, 0.1])]  # AdaBN disagrees
+    with pytest.raises(ValueError, match="adabn differs between the conditions for C, seed 0"):
+        compare_table(conditions, "dice")
+    only_seed2 = {"sync": conditions["sync"], "late": [_aiva(2, [0.9], [0.9])]}
+    with pytest.raises(ValueError, match="no aiva cell"):
+        compare_table(only_seed2, "dice")
+
+
+def test_compare_command_writes_the_tables(two_conditions, capsys):
+    out = two_conditions / "comparison"
+    specs = [f"sync={two_conditions}/sync_all", f"ahead={two_conditions}/ahead_seed*"]
+    assert main(["compare", *specs, "--metrics", "dice", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed == (out / "compare.md").read_text()
+    assert "- `cluster_options#overlap`: sync (default); ahead true" in printed
+    assert "\\* reads target labels" in printed
+    assert (
+        "| C | 1 | 50.00 | 75.00 | 90.00 | 80.00 | 78.00 | 50.00 | 54.00 | -2.00 | +4.00 | +5.00 | +3.00 |" in printed
+    )
+    csv_lines = (out / "compare_dice.csv").read_text().splitlines()
+    assert csv_lines[0].startswith('target,seed,source,adabn,oracle*,"sync, target_agreement"')
+    assert csv_lines[2].startswith("C,1,50.0,75.0,90.0,80.0,78.0,50.0,54.0,-2.0,4.0,5.0,3.0")
