@@ -1,7 +1,6 @@
 """``python -m aiva_monai.experiments compare``: conditions side by side, paired, with the margin over AdaBN."""
 
 import json
-import textwrap
 
 import pytest
 
@@ -27,7 +26,8 @@ def _write(folder, records):
 
 @pytest.fixture
 def two_conditions(tmp_path):
-    """sync: seeds 0 and 1 with the baselines (source, AdaBN, oracle); ahead: seeds 0, 1 and 2 (2 has no partner) in two folders."""
+    """sync: seeds 0 and 1 with the baselines (source, AdaBN, oracle); ahead: seeds 0, 1 and 2 (2 has no
+    synchronous partner), in two folders."""
     baselines = [_record("source", "C", s, [0.5, 0.5]) for s in (0, 1)]
     baselines += [_record("adabn", "C", 0, [0.6, 0.7]), _record("adabn", "C", 1, [0.75, 0.75])]
     baselines += [_record("oracle", "C", s, [0.9, 0.9]) for s in (0, 1)]
@@ -42,14 +42,17 @@ def test_compare_pairs_the_seeds_every_condition_has(two_conditions):
     conditions = load_conditions([f"sync={two_conditions}/sync_all", f"ahead={two_conditions}/ahead_seed*"])
     markdown, rows = compare_table(conditions, "dice")
     # hand-computed: ahead - sync = +2, -2 (picked) and +6, +4 (last); minus AdaBN (65, 75): +5, +5 and +7, +3
-    assert markdown == textwrap.dedent("""\
-        | target | seed | source | adabn | oracle* | sync, target_agreement | ahead, target_agreement | sync, last | ahead, last \
-| ahead - sync, target_agreement | ahead - sync, last | sync - adabn, target_agreement | ahead - adabn, target_agreement |
-        |---|---|---|---|---|---|---|---|---|---|---|---|---|
-        | C | 0 | 50.00 | 65.00 | 90.00 | 70.00 | 72.00 | 60.00 | 66.00 | +2.00 | +6.00 | +5.00 | +7.00 |
-        | C | 1 | 50.00 | 75.00 | 90.00 | 80.00 | 78.00 | 50.00 | 54.00 | -2.00 | +4.00 | +5.00 | +3.00 |
-        | mean +/- sd |  | 50.00 | 70.00 | 90.00 | 75.00 | 75.00 | 55.00 | 60.00 | +0.00 +/- 2.83 | +5.00 +/- 1.41 \
-| +5.00 +/- 0.00 | +5.00 +/- 2.83 |""")
+    header = ["target", "seed", "source", "adabn", "oracle*", "sync, target_agreement", "ahead, target_agreement"]
+    header += ["sync, last", "ahead, last", "ahead - sync, target_agreement", "ahead - sync, last"]
+    header += ["sync - adabn, target_agreement", "ahead - adabn, target_agreement"]
+    assert markdown.splitlines() == [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * 13,
+        "| C | 0 | 50.00 | 65.00 | 90.00 | 70.00 | 72.00 | 60.00 | 66.00 | +2.00 | +6.00 | +5.00 | +7.00 |",
+        "| C | 1 | 50.00 | 75.00 | 90.00 | 80.00 | 78.00 | 50.00 | 54.00 | -2.00 | +4.00 | +5.00 | +3.00 |",
+        "| mean +/- sd |  | 50.00 | 70.00 | 90.00 | 75.00 | 75.00 | 55.00 | 60.00 | +0.00 +/- 2.83 | +5.00 +/- 1.41 "
+        "| +5.00 +/- 0.00 | +5.00 +/- 2.83 |",
+    ]
     assert [row["seed"] for row in rows] == [0, 1]  # seed 2 of "ahead" has no synchronous partner
     assert rows[1]["ahead - sync, last"] == 4.0 and rows[0]["adabn"] == 65.0
     assert setting_differences(conditions) == {"cluster_options#overlap": {"sync": "(default)", "ahead": "true"}}
