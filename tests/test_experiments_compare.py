@@ -35,6 +35,9 @@ def two_conditions(tmp_path):
     ahead = {"cluster_options#overlap": True}
     _write(tmp_path / "ahead_seed0", [_aiva(0, [0.72, 0.72], [0.66, 0.66], ahead)])
     _write(tmp_path / "ahead_seed1", [_aiva(1, [0.78, 0.78], [0.54, 0.54], ahead), _aiva(2, [0.9], [0.9], ahead)])
+    # the run's log beside its folder matches ahead_seed* too; it must not be read as results (it would add a
+    # second record of seed 1)
+    (tmp_path / "ahead_seed1.log").write_text(json.dumps(_aiva(1, [0.1], [0.1], ahead)) + "\n")
     return tmp_path
 
 

@@ -17,11 +17,13 @@ __all__ = ["load_conditions", "compare_table", "setting_differences"]
 
 
 def _results_files(pattern: str) -> list[Path]:
-    paths = sorted(Path(p) for p in glob.glob(pattern)) or [Path(pattern)]
-    files = [p / RESULTS_NAME if p.is_dir() else p for p in paths]
+    # a matched folder means its results.jsonl; a matched file counts only as a .jsonl (a glob like
+    # results/run_seed* also matches the run_seed0.log beside the folder)
+    matches = sorted(Path(p) for p in glob.glob(pattern)) or [Path(pattern)]
+    files = [p / RESULTS_NAME if p.is_dir() else p for p in matches if p.is_dir() or p.suffix == ".jsonl"]
     missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise FileNotFoundError(f"no results file at {', '.join(missing)} (pattern {pattern!r}).")
+    if missing or not files:
+        raise FileNotFoundError(f"no results file at {', '.join(missing) or pattern} (pattern {pattern!r}).")
     return files
 
 
@@ -127,7 +129,7 @@ def compare_table(
             {f"{n} - {names[0]}, {r}": _minus(values[(n, r)], values[(names[0], r)]) for r in rules for n in names[1:]}
         )
         row.update({f"{n} - {bar}, {rules[0]}": _minus(values[(n, rules[0])], shared[bar]) for n in names})
-        rows.append({c: (round(100 * v, 2) if isinstance(v, float) else v) for c, v in row.items()})
+        rows.append({c: (round(100 * v, 2) + 0.0 if isinstance(v, float) else v) for c, v in row.items()})  # no -0.0
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         lines.append("| " + " | ".join(_cell(row[c], signed=" - " in c) for c in header) + " |")
