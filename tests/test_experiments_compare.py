@@ -89,3 +89,18 @@ def test_compare_command_writes_the_tables(two_conditions, capsys):
     csv_lines = (out / "compare_dice.csv").read_text().splitlines()
     assert csv_lines[0].startswith('target,seed,source,adabn,oracle*,"sync, target_agreement"')
     assert csv_lines[2].startswith("C,1,50.0,75.0,90.0,80.0,78.0,50.0,54.0,-2.0,4.0,5.0,3.0")
+
+
+def test_compare_reads_the_baselines_from_their_own_folder(two_conditions, capsys):
+    records = [json.loads(line) for line in (two_conditions / "sync_all" / "results.jsonl").read_text().splitlines()]
+    _write(two_conditions / "baselines", [r for r in records if r["method"] != "aiva"])
+    _write(two_conditions / "sync_only", [r for r in records if r["method"] == "aiva"])
+    specs = [f"sync={two_conditions}/sync_only", f"ahead={two_conditions}/ahead_seed*"]
+    assert main(["compare", *specs, "--metrics", "dice", "--baselines", str(two_conditions / "baselines")]) == 0
+    printed = capsys.readouterr().out
+    assert f"- baselines from {two_conditions / 'baselines'}" in printed
+    assert "| C | 1 | 50.00 | 75.00 | 90.00 | 80.00 | 78.00 | 50.00 | 54.00 | -2.00 | +4.00 | +5.00 | +3.00 |" in (
+        printed
+    )
+    assert main(["compare", *specs, "--metrics", "dice"]) == 0  # without them: the columns are empty
+    assert "| C | 1 | - | - | 80.00 | 78.00 | 50.00 | 54.00 | -2.00 | +4.00 | - | - |" in capsys.readouterr().out

@@ -128,6 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=list(SELECTION_RULES),
         help="label-free selection rules whose picks are compared; the first also gives the margin over AdaBN",
     )
+    compare.add_argument(
+        "--baselines", nargs="+", default=[], metavar="PATTERN", help="more folders with source / adabn / oracle cells"
+    )
     compare.add_argument("--out", default=None, help="also write compare.md and compare_<metric>.csv here")
     args = parser.parse_args(argv)
 
@@ -135,7 +138,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_report(args.results, args.out, figures=not args.no_figures)
         return 0
     if args.command == "compare":
-        print(write_comparison(args.conditions, args.metrics, args.method, args.rules, out=args.out), end="")
+        print(
+            write_comparison(
+                args.conditions, args.metrics, args.method, args.rules, out=args.out, baselines=args.baselines
+            ),
+            end="",
+        )
         return 0
     cells = grid(args.preset, args.methods, args.seeds, args.k, args.steps, args.paper_subset)
     if args.targets:

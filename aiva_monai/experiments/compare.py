@@ -61,11 +61,12 @@ def _by_cell(records: list[dict], method: str, k: int | None) -> dict[tuple[str,
     return out
 
 
-def _shared_value(conditions: dict[str, list[dict]], method: str, key, metric: str) -> float | None:
-    # a baseline (source, AdaBN) may be in any condition's folder; where it is in several it must agree
+def _shared_value(pools: list[list[dict]], method: str, key, metric: str) -> float | None:
+    # a baseline (source, AdaBN, oracle) may be in any condition's folder or a baselines folder; where it is in
+    # several it must agree
     values = {
         round(v, 6)
-        for records in conditions.values()
+        for records in pools
         for record in [_by_cell(records, method, None).get(key)]
         if record is not None and (v := target_mean(record, metric)) is not None
     }
@@ -100,12 +101,13 @@ def compare_table(
     rules: Sequence[str] = ("target_agreement", "last"),
     bar: str = "adabn",
     k: int | None = None,
+    baselines: Sequence[dict] = (),
 ) -> tuple[str, list[dict]]:
     """``metric`` (mean over the target test volumes, %) of ``method``'s pick under each rule, one row per
-    (target, seed) that every condition has: the source model, ``bar`` and the oracle (marked ``*``: it reads target
-    labels) where a condition's folder has them, each
-    condition's value per rule, each later condition minus the first (paired, per rule) and each condition
-    minus ``bar`` under ``rules[0]``; a last row gives mean +/- sd over rows of the differences.
+    (target, seed) that every condition has: the source model, ``bar`` and the oracle (marked ``*``: it reads
+    target labels) where a condition's records or ``baselines`` (more records) have them, each condition's value
+    per rule, each later condition minus the first (paired, per rule) and each condition minus ``bar`` under
+    ``rules[0]``; a last row gives mean +/- sd over rows of the differences.
 
     Returns (markdown, csv rows); raises ValueError when the conditions share no cell."""
     names = list(conditions)
@@ -113,15 +115,16 @@ def compare_table(
     keys = sorted(set.intersection(*(set(c) for c in cells.values())))
     if not keys:
         raise ValueError(f"the conditions {names} have no {method} cell (target, seed) in common.")
-    baselines = ["source", bar] + (["oracle"] if any(_by_cell(r, "oracle", None) for r in conditions.values()) else [])
-    labels = {b: f"{b}*" if reads_target_labels(b) else b for b in baselines}
+    pools = [*conditions.values(), list(baselines)]
+    shown = ["source", bar] + (["oracle"] if any(_by_cell(r, "oracle", None) for r in pools) else [])
+    labels = {b: f"{b}*" if reads_target_labels(b) else b for b in shown}
     header = ["target", "seed", *labels.values()]
     header += [f"{name}, {rule}" for rule in rules for name in names]
     header += [f"{name} - {names[0]}, {rule}" for rule in rules for name in names[1:]]
     header += [f"{name} - {bar}, {rules[0]}" for name in names]
     rows = []
     for key in keys:
-        shared = {b: _shared_value(conditions, b, key, metric) for b in baselines}
+        shared = {b: _shared_value(pools, b, key, metric) for b in shown}
         values = {(n, r): _value(cells[n][key], metric, r) for n in names for r in rules}
         row = {"target": key[0], "seed": key[1], **{labels[b]: v for b, v in shared.items()}}
         row.update({f"{n}, {r}": values[(n, r)] for r in rules for n in names})
@@ -170,21 +173,26 @@ def write_comparison(
     rules: Sequence[str] = ("target_agreement", "last"),
     bar: str = "adabn",
     out: str | Path | None = None,
+    baselines: Sequence[str] = (),
 ) -> str:
     """The comparison of the conditions ``specs`` (``load_conditions``) as markdown: what differs between them
-    (``setting_differences``), then one ``compare_table`` per metric. With ``out``: also ``<out>/compare.md`` and
+    (``setting_differences``), then one ``compare_table`` per metric, the baselines also read from the results
+    files the glob patterns ``baselines`` match. With ``out``: also ``<out>/compare.md`` and
     ``<out>/compare_<metric>.csv``, written atomically. Returns the markdown."""
     from aiva_monai.io import write_text_atomic
 
     conditions = load_conditions(specs)
+    extra = [r for pattern in baselines for f in _results_files(pattern) for r in ResultsFile(f).records()]
+    extra = [r for r in extra if r.get("status", "ok") == "ok"]
     parts = [f"# {method}: {' vs '.join(conditions)}", "", "Conditions:", ""]
     parts += [f"- {spec}: {len(conditions[spec.partition('=')[0]])} finished cells" for spec in specs]
+    parts += [f"- baselines from {pattern}" for pattern in baselines]
     differences = setting_differences(conditions)
     parts += ["", "Settings that differ:" if differences else "No setting differs (same code, same overrides).", ""]
     parts += [f"- `{key}`: " + "; ".join(f"{n} {v}" for n, v in per.items()) for key, per in differences.items()]
     tables = {}
     for metric in metrics:
-        markdown, tables[metric] = compare_table(conditions, metric, method, rules, bar)
+        markdown, tables[metric] = compare_table(conditions, metric, method, rules, bar, baselines=extra)
         title = METRIC_TITLES.get(metric, metric)
         parts += ["", f"## {title}, target test volumes (%); picks of the label-free rules {', '.join(rules)}", ""]
         parts.append(markdown)
