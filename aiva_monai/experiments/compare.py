@@ -13,7 +13,7 @@ import numpy as np
 from aiva_monai.experiments.store import METRIC_TITLES, RESULTS_NAME, ResultsFile, row_label, target_mean, write_csv
 from aiva_monai.methods import reads_target_labels
 
-__all__ = ["load_conditions", "compare_table", "setting_differences"]
+__all__ = ["load_conditions", "compare_table", "setting_differences", "write_comparison"]
 
 
 def _results_files(pattern: str) -> list[Path]:
