@@ -316,11 +316,12 @@ def test_overlap_lead_steps_launches_ahead_and_uses_the_round_at_its_due_epoch(s
     assert again[2] == used
     for key, value in trainer.network.state_dict().items():
         assert torch.equal(again[0].network.state_dict()[key], value), key
-    # a lead of a whole interval cannot be honoured
+    # a lead of a whole interval cannot be honoured: refused when the run starts
     bad = {"overlap": True, "overlap_lead_steps": 4}
     trainer, _ = make_trainer(*sites, max_epochs=2, epoch_length=4, handler_options={"settings": bad})
     with pytest.raises(ValueError, match="overlap_lead_steps \\(4\\) must be less than the steps between two rounds"):
         trainer.run()
+    assert trainer.state.iteration == 0  # refused before the first step
 
 
 def test_an_error_during_adaptation_is_raised_not_swallowed(sites):

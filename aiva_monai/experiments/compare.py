@@ -61,14 +61,13 @@ def _by_cell(records: list[dict], method: str, k: int | None) -> dict[tuple[str,
     return out
 
 
-def _shared_value(pools: list[list[dict]], method: str, key, metric: str) -> float | None:
-    # a baseline (source, AdaBN, oracle) may be in any condition's folder or a baselines folder; where it is in
-    # several it must agree
+def _shared_value(pools: list[dict[tuple[str, int], dict]], method: str, key, metric: str) -> float | None:
+    # a baseline (source, AdaBN, oracle) may be in any condition's folder or a baselines folder (``pools``: its
+    # cells in each); where it is in several it must agree
     values = {
         round(v, 6)
-        for records in pools
-        for record in [_by_cell(records, method, None).get(key)]
-        if record is not None and (v := target_mean(record, metric)) is not None
+        for cells in pools
+        if (record := cells.get(key)) is not None and (v := target_mean(record, metric)) is not None
     }
     if len(values) > 1:
         raise ValueError(f"{method} differs between the conditions for {key[0]}, seed {key[1]}: {sorted(values)}.")
@@ -116,7 +115,8 @@ def compare_table(
     if not keys:
         raise ValueError(f"the conditions {names} have no {method} cell (target, seed) in common.")
     pools = [*conditions.values(), list(baselines)]
-    shown = ["source", bar] + (["oracle"] if any(_by_cell(r, "oracle", None) for r in pools) else [])
+    baseline_cells = {b: [_by_cell(records, b, None) for records in pools] for b in ("source", bar, "oracle")}
+    shown = ["source", bar] + (["oracle"] if any(baseline_cells["oracle"]) else [])
     labels = {b: f"{b}*" if reads_target_labels(b) else b for b in shown}
     header = ["target", "seed", *labels.values()]
     header += [f"{name}, {rule}" for rule in rules for name in names]
@@ -124,7 +124,7 @@ def compare_table(
     header += [f"{name} - {bar}, {rules[0]}" for name in names]
     rows = []
     for key in keys:
-        shared = {b: _shared_value(pools, b, key, metric) for b in shown}
+        shared = {b: _shared_value(baseline_cells[b], b, key, metric) for b in shown}
         values = {(n, r): _value(cells[n][key], metric, r) for n in names for r in rules}
         row = {"target": key[0], "seed": key[1], **{labels[b]: v for b, v in shared.items()}}
         row.update({f"{n}, {r}": values[(n, r)] for r in rules for n in names})

@@ -128,6 +128,7 @@ class AIVAClusteringHandler:
                 )
         engine.add_event_handler(Events.EPOCH_STARTED, self)
         if self.settings.overlap_lead_steps:
+            engine.add_event_handler(Events.STARTED, self._check_lead)
             engine.add_event_handler(Events.ITERATION_COMPLETED, self._launch_ahead)
         engine.add_event_handler(Events.COMPLETED, lambda _: self.shutdown())
         engine.add_event_handler(Events.EXCEPTION_RAISED, self._exception_raised)
@@ -274,16 +275,19 @@ class AIVAClusteringHandler:
     def _launched_epoch(self) -> int | None:
         return self.background.epoch if self.background.epoch is not None else self.pending_epoch
 
-    def _launch_ahead(self, engine: Engine) -> None:
-        """``overlap_lead_steps`` > 0: launch the next due epoch's round that many steps before it starts."""
-        if not self._overlapping():
-            return
+    def _check_lead(self, engine: Engine) -> None:
+        # at STARTED, before any step (the epoch length is known only once the engine runs)
         lead, per_interval = self.settings.overlap_lead_steps, self.interval * engine.state.epoch_length
         if lead >= per_interval:
             raise ValueError(
                 f"overlap_lead_steps ({lead}) must be less than the steps between two rounds ({per_interval})."
             )
-        epoch = engine.state.epoch
+
+    def _launch_ahead(self, engine: Engine) -> None:
+        """``overlap_lead_steps`` > 0: launch the next due epoch's round that many steps before it starts."""
+        if not self._overlapping():
+            return
+        lead, epoch = self.settings.overlap_lead_steps, engine.state.epoch
         due = epoch + self.interval - (epoch - 1) % self.interval
         if due > engine.state.max_epochs or engine.state.iteration != (due - 1) * engine.state.epoch_length - lead:
             return
