@@ -6,7 +6,8 @@ default Annoy neighbours, FFT grid cell 1) and of now ("exact": exact neighbours
 ``n_jobs``, and counts the matched pairs that are true mode pairs two ways on the *same* clusters:
 
 - ``t-SNE map``: what AIVA does (the paper's step 4): Hungarian matching of the k-means centres in the 2D t-SNE map;
-- ``PCA space``: Hungarian matching of the same clusters' centres in the joint 20-component PCA space.
+- ``PCA space``: Hungarian matching of the same clusters' member means in the joint 20-component PCA space
+  (``match_space="pca"``; ``SiteClustering.matches`` holds both).
 
     OMP_NUM_THREADS=1 python benchmarks/planted_matching.py --seeds 0 1 --jobs 1 2 --tsne annoy exact
 """
@@ -28,17 +29,6 @@ TSNE = {
 }
 
 
-def centre_match(source_points, target_points, source_labels, target_labels, k: int):
-    """(k,) source cluster matched to each target cluster, on the clusters' centres in these points' space."""
-    import numpy as np
-
-    from aiva_monai.alignment import match_clusters
-
-    source_centres = np.stack([source_points[source_labels == j].mean(0) for j in range(k)])
-    target_centres = np.stack([target_points[target_labels == i].mean(0) for i in range(k)])
-    return match_clusters(source_centres, target_centres)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -46,9 +36,7 @@ def main() -> None:
     parser.add_argument("--tsne", nargs="+", default=["annoy", "exact"], choices=sorted(TSNE), help="t-SNE settings")
     args = parser.parse_args()
 
-    import numpy as np
     from clustering_round import correspondence, planted_features
-    from sklearn.decomposition import PCA
     from sklearn.metrics import adjusted_rand_score
 
     from aiva_monai.clustering import ClusteringSettings, cluster_sites
@@ -59,16 +47,13 @@ def main() -> None:
     print(" right pairs, PCA space (same clusters) | seconds |\n|---|---|---|---|---|---|---|")
     for seed in args.seeds:
         source, target, source_modes, target_modes, _ = planted_features(seed, k)
-        reduced = PCA(n_components=20, random_state=0).fit_transform(np.concatenate([source, target]))
         for tsne, jobs in [(tsne, jobs) for tsne in args.tsne for jobs in args.jobs]:
             start = time.perf_counter()
             result = cluster_sites(source, target, k, ClusteringSettings(n_jobs=jobs, **TSNE[tsne]))
             seconds = time.perf_counter() - start
             source_of = correspondence(result.source_labels, source_modes, k)
             target_of = correspondence(result.target_labels, target_modes, k)
-            pca_match = centre_match(
-                reduced[: len(source)], reduced[len(source) :], result.source_labels, result.target_labels, k
-            )
+            pca_match = result.matches["pca"]
             right_tsne = sum(int(target_of[i]) == int(source_of[result.match[i]]) for i in range(k))
             right_pca = sum(int(target_of[i]) == int(source_of[pca_match[i]]) for i in range(k))
             ari = (

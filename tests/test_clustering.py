@@ -428,3 +428,65 @@ def test_feature_store_float16_rows_are_numpys_per_row_scaled_rounding_bit_for_b
     np.testing.assert_array_equal(store._memory, expected)
     np.testing.assert_array_equal(store._scales, scales)
     np.testing.assert_array_equal(store.read(0, 9), expected.astype(np.float32) * scales[:, None])
+
+
+def test_member_means_hand_computed():
+    from aiva_monai.clustering import member_means
+
+    points = np.array([[0.0, 0.0], [2.0, 2.0], [10.0, 0.0]])
+    means = member_means(points, np.array([0, 0, 1]), 3)
+    np.testing.assert_array_equal(means[:2], [[1.0, 1.0], [10.0, 0.0]])
+    assert np.isnan(means[2]).all()  # an empty cluster has no mean
+
+
+def _islands_map(source_modes, target_modes, target_shift):
+    """A stand-in for t-SNE that keeps every mode a tight island but puts target mode m where source mode
+    m + target_shift lies: what a map that keeps neighbourhoods but not the distances between islands may do."""
+    k = int(source_modes.max()) + 1
+    corners = 50.0 * np.stack([np.cos(2 * np.pi * np.arange(k) / k), np.sin(2 * np.pi * np.arange(k) / k)], axis=1)
+
+    def fake_tsne(points, settings, perplexity, init_embedding=None, progress=None):
+        islands = np.concatenate([source_modes, (target_modes + target_shift) % k])
+        return corners[islands] + np.random.default_rng(0).normal(scale=0.5, size=(len(islands), 2))
+
+    return fake_tsne
+
+
+@pytest.mark.parametrize("target_shift", [0, 2])
+def test_match_space_pca_pairs_the_planted_modes_where_the_map_misplaces_the_islands(monkeypatch, target_shift):
+    """Step 4 in the 2D map pairs the islands that lie together; in the PCA space, the clusters whose members
+    are alike. With the target's islands rotated by ``target_shift`` the map pairs every cluster wrongly and the
+    PCA space still pairs every one rightly (a common scaling and shift of the target leaves the Hungarian
+    optimum of squared distances in a linear space unchanged)."""
+    import aiva_monai.clustering.sites as sites
+
+    k = 5
+    source, target, source_modes, target_modes = planted_sites(k, per_mode=20, n_features=512, seed=2)
+    monkeypatch.setattr(sites, "_tsne", _islands_map(source_modes, target_modes, target_shift))
+    results = {space: cluster_sites(source, target, k, seed=0, match_space=space) for space in ("tsne", "pca")}
+    for result in results.values():
+        assert adjusted_rand_score(source_modes, result.source_labels) == pytest.approx(1.0)
+        assert adjusted_rand_score(target_modes, result.target_labels) == pytest.approx(1.0)
+    tsne, pca = results["tsne"], results["pca"]
+    np.testing.assert_array_equal(tsne.target_labels, pca.target_labels)  # the space changes the pairs only
+    source_mode_of = majority(pca.source_labels, source_modes, k)
+    target_mode_of = majority(pca.target_labels, target_modes, k)
+    right_in_map = sum(target_mode_of[i] == source_mode_of[tsne.match[i]] for i in range(k))
+    right_in_pca = sum(target_mode_of[i] == source_mode_of[pca.match[i]] for i in range(k))
+    assert right_in_pca == k
+    assert right_in_map == (k if target_shift == 0 else 0)
+    for result in results.values():
+        assert result.match_space in ("tsne", "pca")
+        np.testing.assert_array_equal(result.match, result.matches[result.match_space])
+        np.testing.assert_array_equal(result.matches["tsne"], tsne.match)
+        np.testing.assert_array_equal(result.matches["pca"], pca.match)
+        assert result.pairs_unlike_other_space == (0 if target_shift == 0 else k)
+    assert pca.match_space == "pca" and tsne.match_space == "tsne"
+    assert tsne.matched_cost != pytest.approx(pca.matched_cost)  # each cost is in its own space
+
+
+def test_match_space_is_checked():
+    from aiva_monai.clustering import ClusteringSettings
+
+    with pytest.raises(ValueError, match="match_space"):
+        ClusteringSettings(match_space="umap")

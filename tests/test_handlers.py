@@ -32,7 +32,10 @@ def test_handler_reclusters_every_epoch_and_hands_over(sites):
         "time_kmeans",
         "time_match",
         "matched_cost",
+        "match_space",
+        "pairs_unlike_other_space",
     }
+    assert handler.history[0]["match_space"] == "tsne"
 
 
 def test_handler_interval(sites):
@@ -53,9 +56,12 @@ def test_handler_embedding_pass_is_eval_mode_and_restores_training(sites):
     assert trainer.network.training
 
 
-def test_state_dict_round_trip_is_weights_only_loadable(sites, tmp_path):
-    trainer, handler = make_trainer(*sites, max_epochs=1, epoch_length=1)
+@pytest.mark.parametrize("match_space", ["tsne", "pca"])
+def test_state_dict_round_trip_is_weights_only_loadable(sites, tmp_path, match_space):
+    options = {"settings": {"match_space": match_space}}
+    trainer, handler = make_trainer(*sites, max_epochs=1, epoch_length=1, handler_options=options)
     trainer.run()
+    assert handler.clustering.match_space == match_space
     torch.save(handler.state_dict(), tmp_path / "handler.pt")
     _, fresh = make_trainer(*sites)
     fresh.load_state_dict(torch.load(tmp_path / "handler.pt", weights_only=True))
@@ -63,6 +69,7 @@ def test_state_dict_round_trip_is_weights_only_loadable(sites, tmp_path):
         np.testing.assert_array_equal(getattr(fresh.clustering, name), getattr(handler.clustering, name))
     torch.testing.assert_close(fresh.clustering.source_means, handler.clustering.source_means)
     assert fresh.clustered_epoch == 1 and fresh.history == handler.history
+    assert fresh.clustering.match_space == match_space
 
 
 def test_resume_mid_epoch_keeps_the_clustering(sites, tmp_path):

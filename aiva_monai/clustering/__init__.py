@@ -15,7 +15,8 @@ Pipeline, once per adaptation epoch (every setting in one frozen ``ClusteringSet
    previous round's embedding).
 3. k-means separately on the source and on the target points of the 2D embedding (the target's
    optionally initialised from the source centres, ``target_init_from_source``).
-4. Hungarian matching of target centres to source centres.
+4. Hungarian matching of target centres to source centres: in the 2D map (the paper) or, with
+   ``match_space="pca"``, the same clusters' member means in the joint PCA space.
 5. ``source_means``: mean *full-dimensional* source feature of each source cluster. The embedding
    pass keeps every source slice's full feature in a ``FeatureStore`` (float16 in memory up to a
    budget, the rest in a temporary file), so the means need no second pass through the network
@@ -30,6 +31,7 @@ cluster sums, slice positions), ``sites`` (PCA, t-SNE, k-means, matching).
 
 from aiva_monai.clustering.features import ClusterMeanAccumulator, FeatureProjector, FeatureStore, slice_positions
 from aiva_monai.clustering.settings import (
+    MATCH_SPACES,
     PRECISIONS,
     SOURCE_MEANS,
     STORE_DTYPES,
@@ -38,7 +40,14 @@ from aiva_monai.clustering.settings import (
     ClusteringSettings,
     SiteClustering,
 )
-from aiva_monai.clustering.sites import cluster_sites, cluster_sketches, kmeans_sites, torch_pca, tsne_input
+from aiva_monai.clustering.sites import (
+    cluster_sites,
+    cluster_sketches,
+    kmeans_sites,
+    member_means,
+    torch_pca,
+    tsne_input,
+)
 
 __all__ = [
     "ClusteringSettings",
@@ -54,7 +63,9 @@ __all__ = [
     "SOURCE_MEANS",
     "STORE_DTYPES",
     "PRECISIONS",
+    "MATCH_SPACES",
     "torch_pca",
     "tsne_input",
     "kmeans_sites",
+    "member_means",
 ]

@@ -24,6 +24,9 @@ STORE_DTYPES = ("float16", "float32")
 PRECISIONS = ("auto", "cpu_bfloat16", "float32", "bfloat16", "float16")
 
 
+MATCH_SPACES = ("tsne", "pca")
+
+
 @dataclass(frozen=True)
 class ClusteringSettings:
     """Every setting of an AIVA clustering round, in one frozen (immutable, hashable) object.
@@ -97,6 +100,11 @@ class ClusteringSettings:
             code's option; not in the paper). The column is ``slice_position * sqrt(total variance of
             the PCA scores) * position``: weight 1 gives the position a range equal to the features'
             RMS spread. 0 (default) appends nothing.
+        match_space: where the matched clusters' centres are compared (step 4): "tsne" (the paper: the k-means
+            centres in the 2D t-SNE map) or "pca" (the same clusters' member means in the joint PCA space, the
+            t-SNE input). t-SNE keeps neighbourhoods but not the distances between islands, so matching in the map
+            is fragile: on planted structure it pairs 3 of 12 clusters wrongly on some seeds and thread counts
+            where the PCA space gets every pair (benchmarks/README.md). Both matches are kept in the result.
         seed: seeds the projection, PCA, t-SNE and k-means: a fixed seed gives identical results.
         n_jobs: threads for t-SNE (-1: all cores).
 
@@ -141,6 +149,7 @@ class ClusteringSettings:
     kmeans_n_init: int = 10
     target_init_from_source: bool = False
     slice_position: float = 0.0
+    match_space: str = "tsne"
     seed: int = 0
     n_jobs: int = -1
     overlap: bool = False
@@ -155,6 +164,7 @@ class ClusteringSettings:
             "source_means": SOURCE_MEANS,
             "store_dtype": STORE_DTYPES,
             "precision": PRECISIONS,
+            "match_space": MATCH_SPACES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -226,8 +236,8 @@ class SiteClustering:
         embedding: (n_s + n_t, 2) joint t-SNE embedding, source rows first.
         source_centers: (k, 2) k-means centres of the source points in the embedding.
         target_centers: (k, 2) k-means centres of the target points in the embedding.
-        match: (k,) ``match[i]`` is the source cluster matched to target cluster ``i``.
-        matched_cost: sum of squared centre distances of the matched pairs.
+        match: (k,) ``match[i]`` is the source cluster matched to target cluster ``i`` (in ``match_space``).
+        matched_cost: sum of squared centre distances of the matched pairs, in ``match_space``.
         source_means: (k, D) float32 mean full-dimensional source feature of each source cluster,
             or None before it has been computed.
         perplexity: the t-SNE perplexity actually used (lowered for very small sets).
@@ -235,6 +245,9 @@ class SiteClustering:
         warm_started: whether t-SNE started from the previous round's embedding.
         source_rows: (n_s,) position in the source dataset of each clustered source sample, or None when
             every source sample was clustered in order (``ClusteringSettings.source_stride`` 1).
+        match_space: the space ``match`` was computed in ("tsne" or "pca": ``ClusteringSettings.match_space``).
+        matches: (k,) match of the same clusters in each space, by space name (a diagnostic: how many pairs the
+            choice of space changes); empty for a result restored from a checkpoint.
     """
 
     source_labels: np.ndarray
@@ -249,10 +262,19 @@ class SiteClustering:
     timings: dict = field(default_factory=dict)
     warm_started: bool = False
     source_rows: np.ndarray | None = None
+    match_space: str = "tsne"
+    matches: dict = field(default_factory=dict)
 
     @property
     def n_clusters(self) -> int:
         return int(self.source_centers.shape[0])
+
+    @property
+    def pairs_unlike_other_space(self) -> int | None:
+        """How many target clusters the other ``match_space`` would pair with another source cluster (None when
+        ``matches`` is empty)."""
+        others = [np.asarray(match) for space, match in self.matches.items() if space != self.match_space]
+        return int(sum((other != self.match).sum() for other in others)) if others else None
 
     @property
     def source_sizes(self) -> np.ndarray:

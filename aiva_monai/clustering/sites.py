@@ -169,6 +169,16 @@ def torch_pca(points, n_components: int, device=None) -> np.ndarray:
     return (x @ components).float().cpu().numpy()
 
 
+def member_means(points: np.ndarray, labels: np.ndarray, n_clusters: int) -> np.ndarray:
+    """(k, d) mean of the (n, d) ``points`` of each of the ``n_clusters`` labels (a row of NaN for an empty one)."""
+    points = np.asarray(points, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    sums = np.zeros((n_clusters, points.shape[1]))
+    np.add.at(sums, labels, points)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sums / np.bincount(labels, minlength=n_clusters)[:, None]
+
+
 def cluster_sketches(
     source_sketch,
     target_sketch,
@@ -189,7 +199,7 @@ def cluster_sketches(
         n_clusters: k, clusters per site.
         settings: a ``ClusteringSettings`` (or a dict of settings; None: the defaults). Used here:
             ``pca_components``, ``pca_device``, ``tsne_*``, ``perplexity``, ``kmeans_n_init``,
-            ``target_init_from_source``, ``slice_position``, ``seed``, ``n_jobs``. Sketches given as
+            ``target_init_from_source``, ``slice_position``, ``match_space``, ``seed``, ``n_jobs``. Sketches given as
             CUDA tensors run the PCA on their device.
         source_positions, target_positions: (n_s,), (n_t,) position of each slice in its volume in
             [0, 1] (``slice_positions``); needed only when ``settings.slice_position`` > 0.
@@ -263,8 +273,16 @@ def cluster_sketches(
 
     start = time.perf_counter()
     source_centers, target_centers = source_fit.cluster_centers_, target_fit.cluster_centers_
-    match = match_clusters(source_centers, target_centers)
-    cost = matched_cost(source_centers, target_centers, match)
+    centers_by_space = {
+        "tsne": (source_centers, target_centers),
+        "pca": (
+            member_means(points[:n_source], source_fit.labels_, n_clusters),
+            member_means(points[n_source:], target_fit.labels_, n_clusters),
+        ),
+    }
+    matches = {space: match_clusters(*centers) for space, centers in centers_by_space.items()}
+    match = matches[settings.match_space]
+    cost = matched_cost(*centers_by_space[settings.match_space], match)
     timings["match"] = time.perf_counter() - start
 
     return SiteClustering(
@@ -278,6 +296,8 @@ def cluster_sketches(
         perplexity=used_perplexity,
         timings=timings,
         warm_started=bool(warm),
+        match_space=settings.match_space,
+        matches=matches,
     )
 
 

@@ -224,6 +224,8 @@ class AIVAClusteringHandler:
             "target_cluster_min": int(result.target_sizes.min()),
             "target_cluster_max": int(result.target_sizes.max()),
             "tsne_warm_started": bool(result.warm_started),
+            "match_space": result.match_space,
+            "pairs_unlike_other_space": result.pairs_unlike_other_space,
             "embed_dtype": self._embed_dtype,
             **{f"time_{stage}": float(seconds) for stage, seconds in result.timings.items()},
         }

@@ -22,6 +22,7 @@ def clustering_to_state(result: SiteClustering, epoch: int) -> dict:
         source_means=result.source_means.detach().cpu(),
         timings={k: float(v) for k, v in result.timings.items()},
         warm_started=bool(result.warm_started),
+        match_space=str(result.match_space),
     )
     if result.source_rows is not None:
         state["source_rows"] = torch.as_tensor(result.source_rows)
@@ -38,6 +39,7 @@ def clustering_from_state(state: dict, n_clusters: int) -> SiteClustering:
         perplexity=float(state["perplexity"]),
         timings=dict(state["timings"]),
         warm_started=bool(state.get("warm_started", False)),
+        match_space=str(state.get("match_space", "tsne")),
         source_rows=torch.as_tensor(state["source_rows"]).numpy() if "source_rows" in state else None,
     )
     if result.n_clusters != n_clusters:
