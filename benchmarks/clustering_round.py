@@ -18,7 +18,8 @@ Side by side in one process, on the same slices and the same network (the shippe
    whether matched clusters correspond (each new cluster mapped to the today cluster holding most of its
    slices);
 3. planted structure (12 modes, a shifted and rescaled target; ``--planted-seeds``, default 0 1 2): the clusters
-   and mode-to-mode matches of both rounds' clustering (and of a warm-started round on moved features);
+   and mode-to-mode matches of both rounds' clustering (and of a warm-started round on moved features; the new
+   round's clusters also matched in the PCA space, ``match_space="pca"``);
 4. warm start on IXI features (``--warm-steps`` > 0): the network is moved by that many AIVA steps, then
    the new round's t-SNE from scratch vs warm-started from the first round's embedding, same sketches;
 5. seed stability (``--stability-seeds N`` > 1): one encoder-only pass, then the clustering (t-SNE + k-means +
@@ -282,10 +283,11 @@ def planted(settings_today, settings_new, seed: int = 0, strides=()) -> list[dic
     rows = []
     results = {}
 
-    def mode_matches(result):
+    def mode_matches(result, match=None):
         source_of = correspondence(result.source_labels, source_modes, k)
         target_of = correspondence(result.target_labels, target_modes, k)
-        return {int(target_of[i]): int(source_of[result.match[i]]) for i in range(k)}
+        match = result.match if match is None else match
+        return {int(target_of[i]): int(source_of[match[i]]) for i in range(k)}
 
     for name, settings, features in (("today", settings_today, source), ("new", settings_new, source)):
         start = time.perf_counter()
@@ -299,6 +301,15 @@ def planted(settings_today, settings_new, seed: int = 0, strides=()) -> list[dic
                 "mode_matches": mode_matches(results[name]),
             }
         )
+    new = results["new"]
+    rows.append(  # the same clusters, matched by their member means in the PCA space (match_space="pca")
+        {
+            **rows[-1],
+            "round": "new, matched in the PCA space",
+            "seconds": 0.0,
+            "mode_matches": mode_matches(new, new.matches["pca"]),
+        }
+    )
     for stride in strides:  # a thinned source: every stride-th source row (what source_stride embeds)
         start = time.perf_counter()
         thinned = cluster_sites(source[::stride], target, k, settings_new)
