@@ -430,15 +430,6 @@ def test_feature_store_float16_rows_are_numpys_per_row_scaled_rounding_bit_for_b
     np.testing.assert_array_equal(store.read(0, 9), expected.astype(np.float32) * scales[:, None])
 
 
-def test_member_means_hand_computed():
-    from aiva_monai.clustering import member_means
-
-    points = np.array([[0.0, 0.0], [2.0, 2.0], [10.0, 0.0]])
-    means = member_means(points, np.array([0, 0, 1]), 3)
-    np.testing.assert_array_equal(means[:2], [[1.0, 1.0], [10.0, 0.0]])
-    assert np.isnan(means[2]).all()  # an empty cluster has no mean
-
-
 def _islands_map(source_modes, target_modes, target_shift):
     """A stand-in for t-SNE that keeps every mode a tight island but puts target mode m where source mode
     m + target_shift lies: what a map that keeps neighbourhoods but not the distances between islands may do."""

@@ -40,14 +40,7 @@ from aiva_monai.clustering.settings import (
     ClusteringSettings,
     SiteClustering,
 )
-from aiva_monai.clustering.sites import (
-    cluster_sites,
-    cluster_sketches,
-    kmeans_sites,
-    member_means,
-    torch_pca,
-    tsne_input,
-)
+from aiva_monai.clustering.sites import cluster_sites, cluster_sketches, kmeans_sites, torch_pca, tsne_input
 
 __all__ = [
     "ClusteringSettings",
@@ -67,5 +60,4 @@ __all__ = [
     "torch_pca",
     "tsne_input",
     "kmeans_sites",
-    "member_means",
 ]

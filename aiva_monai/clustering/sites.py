@@ -169,16 +169,6 @@ def torch_pca(points, n_components: int, device=None) -> np.ndarray:
     return (x @ components).float().cpu().numpy()
 
 
-def member_means(points: np.ndarray, labels: np.ndarray, n_clusters: int) -> np.ndarray:
-    """(k, d) mean of the (n, d) ``points`` of each of the ``n_clusters`` labels (a row of NaN for an empty one)."""
-    points = np.asarray(points, dtype=np.float64)
-    labels = np.asarray(labels, dtype=np.int64)
-    sums = np.zeros((n_clusters, points.shape[1]))
-    np.add.at(sums, labels, points)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return sums / np.bincount(labels, minlength=n_clusters)[:, None]
-
-
 def cluster_sketches(
     source_sketch,
     target_sketch,
@@ -276,8 +266,8 @@ def cluster_sketches(
     centers_by_space = {
         "tsne": (source_centers, target_centers),
         "pca": (
-            member_means(points[:n_source], source_fit.labels_, n_clusters),
-            member_means(points[n_source:], target_fit.labels_, n_clusters),
+            _member_means(points[:n_source], source_fit.labels_, n_clusters),
+            _member_means(points[n_source:], target_fit.labels_, n_clusters),
         ),
     }
     matches = {space: match_clusters(*centers) for space, centers in centers_by_space.items()}
@@ -299,6 +289,13 @@ def cluster_sketches(
         match_space=settings.match_space,
         matches=matches,
     )
+
+
+def _member_means(points: np.ndarray, labels: np.ndarray, n_clusters: int) -> np.ndarray:
+    """(k, d) mean of the (n, d) points of each k-means cluster (k-means leaves no cluster empty)."""
+    sums = ClusterMeanAccumulator(n_clusters, points.shape[1])
+    sums.update(torch.from_numpy(np.ascontiguousarray(points)), labels)
+    return sums.means().double().numpy()
 
 
 def _chunks(features, chunk_size: int):

@@ -1,4 +1,8 @@
-import glob, json, shlex, subprocess, sys, os
+"""The exact script that evaluated this experiment's picks (2026-12-02, with that machine's /work paths): the
+runner's own evaluation command for each cell, reduced to the target_agreement pick (and the map runs' last
+checkpoint), no cluster figure. Kept as the record of how the table's AIVA numbers were made."""
+
+import glob, json, subprocess, sys, os
 
 jobs = []
 for C in ("sync", "pca"):
