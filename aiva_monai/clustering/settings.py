@@ -105,6 +105,8 @@ class ClusteringSettings:
             t-SNE input). t-SNE keeps neighbourhoods but not the distances between islands, so matching in the map
             is fragile: on planted structure it pairs 3 of 12 clusters wrongly on some seeds and thread counts
             where the PCA space gets every pair (benchmarks/README.md). Both matches are kept in the result.
+            The library default stays the paper's "tsne"; both bundles set "pca" (since 0.2.5: on ixi-sim it
+            was above the map's match and AdaBN, docs/experiments.md, "Matching in the PCA space").
         seed: seeds the projection, PCA, t-SNE and k-means: a fixed seed gives identical results.
         n_jobs: threads for t-SNE (-1: all cores).
 
