@@ -102,3 +102,17 @@ def test_switches_remove_handlers_and_their_checkpoint_entries(datalist, tmp_pat
     assert "best_model" in saved["savers"].savers  # without selection: the key-metric saver writes model.pt
     default = parse(datalist, tmp_path / "default")
     assert {"clustering", "selection"} <= set(default.get_parsed_content("checkpointing#saver#save_dict"))
+
+
+def test_the_bundles_match_clusters_in_the_pca_space_and_the_library_keeps_the_papers_map(datalist, tmp_path):
+    """0.2.5: the bundles pair clusters by their member means in the PCA space (3-seed ixi-sim evidence,
+    docs/experiments.md); the library default stays the paper's 2D-map matching. The prostate bundle shares the
+    key (tests/test_bundle_configs_shared.py)."""
+    from aiva_monai.clustering import ClusteringSettings
+
+    handlers = parse(datalist, tmp_path).get_parsed_content("train#handlers")
+    assert handler_of(handlers, "AIVAClusteringHandler").settings.match_space == "pca"
+    overridden = parse(datalist, tmp_path / "tsne", **{"cluster_options#match_space": "tsne"})
+    handler = handler_of(overridden.get_parsed_content("train#handlers"), "AIVAClusteringHandler")
+    assert handler.settings.match_space == "tsne"
+    assert ClusteringSettings().match_space == "tsne"

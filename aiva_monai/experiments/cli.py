@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +37,24 @@ def subset_datalist(datalist: str | Path, counts: Sequence[int], path: Path) -> 
     )
     write_json_atomic(path, out)
     return path
+
+
+def _write_ixi_sim_datalist(dataset_dir: str, scanner: str, output: Path) -> Path:
+    from aiva_monai.data import ixi_sim_datalist
+    from aiva_monai.data.simulate import PRESETS as SCANNERS
+    from aiva_monai.io import write_json_atomic
+
+    if scanner not in SCANNERS:
+        raise SystemExit(f"--scanner {scanner!r}: not one of {sorted(SCANNERS)}.")
+    path = output.resolve() / f"datalist_ixi_sim_{scanner}.json"
+    write_json_atomic(path, ixi_sim_datalist(dataset_dir, target_change=scanner))
+    return path
+
+
+def datalist_pair(datalist: str | Path) -> tuple[tuple[str], str]:
+    """((source site,), target site) of a two-site datalist: its default sites."""
+    content = json.loads(Path(datalist).read_text())
+    return (content["default_source_site"],), content["default_target_site"]
 
 
 def _parse_value(text: str):
@@ -84,6 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "two-site datalists: use the first N subjects per split, "
             "'src_train,src_val,src_test,tgt_train,tgt_val,tgt_test'"
         ),
+    )
+    run.add_argument(
+        "--scanner",
+        default=None,
+        help="ixi-sim: the simulated target scanner (aiva_monai.data.simulate.PRESETS: mild, strong, bright); the "
+        "same subjects as the shipped datalist (scanner 'strong'), written to <output>/datalist_ixi_sim_<scanner>.json",
     )
     run.add_argument("--epoch_length", type=int, default=None, help="steps between validations / checkpoints")
     run.add_argument("--cluster_every", type=int, default=None, help="AIVA: steps between clustering rounds")
@@ -145,7 +170,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             end="",
         )
         return 0
-    cells = grid(args.preset, args.methods, args.seeds, args.k, args.steps, args.paper_subset)
+    preset = PRESETS[args.preset]
+    if args.command == "run":
+        if args.scanner:
+            if args.preset != "ixi-sim" or args.datalist or not args.dataset_dir:
+                raise SystemExit("--scanner needs --preset ixi-sim and --dataset_dir, and no --datalist.")
+            args.datalist = str(_write_ixi_sim_datalist(args.dataset_dir, args.scanner, Path(args.output)))
+        if args.datalist and preset.shipped_datalist:  # a two-site preset: the pair is the given datalist's
+            preset = dataclasses.replace(preset, pairs=(datalist_pair(args.datalist),))
+    cells = grid(preset, args.methods, args.seeds, args.k, args.steps, args.paper_subset)
     if args.targets:
         cells = [c for c in cells if c.target in args.targets]
     if args.command == "grid":
@@ -153,7 +186,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(cell.id)
         print(f"{len(cells)} cells")
         return 0
-    preset = PRESETS[args.preset]
     if preset.shipped_datalist and not args.dataset_dir:
         raise SystemExit(
             f"--preset {args.preset} needs --dataset_dir (the data the datalist's relative paths point into)."
