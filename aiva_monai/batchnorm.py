@@ -21,7 +21,8 @@ that round already sees target features normalised with target statistics.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping
+import logging
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from monai.utils import CommonKeys as Keys
@@ -29,8 +30,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from aiva_monai.networks import _unwrap
+from aiva_monai.progress import RoundProgress
 
 __all__ = ["BATCHNORM_MODES", "batchnorm_layers", "adapt_batchnorm", "adabn_batches", "AdaptationBatchNorm"]
+
+logger = logging.getLogger(__name__)
 
 BATCHNORM_MODES = ("shared", "target", "per_site")
 
@@ -59,6 +63,7 @@ def adapt_batchnorm(
     target_loader: Iterable,
     image_key: str = Keys.IMAGE,
     device: str | torch.device | None = None,
+    progress: Callable | None = None,
 ) -> nn.Module:
     """AdaBN (Li et al. 2016): replace every BatchNorm's running statistics by those of the target site.
 
@@ -80,6 +85,8 @@ def adapt_batchnorm(
             (image, ...) tuples.
         image_key: key of the image in a dict batch.
         device: device the images are moved to; default: the device of the network's first parameter.
+        progress: ``progress("adabn", done, total)`` after each batch (``aiva_monai.progress.RoundProgress``);
+            None: this module's logger, a line at most every 10 s (a pass over a site takes minutes on a CPU).
 
     Returns:
         the same ``network`` (so a bundle config can chain it).
@@ -111,9 +118,16 @@ def adapt_batchnorm(
             m.reset_running_stats()  # mean 0, var 1, num_batches_tracked 0
             m.momentum = None  # cumulative average: factor 1 / num_batches_tracked
             m.train()
+        total = len(target_loader) if hasattr(target_loader, "__len__") else 0
+        if progress is None:
+            progress = RoundProgress(logger, every_s=10.0, clock=None)
+        if total:
+            progress("adabn", 0, total)  # the stage starts now: its clock counts the first batch
         for batch in target_loader:
             network(torch.as_tensor(_images_of(batch, image_key)).to(device))
             n_batches += 1
+            if total:  # a loader without a length (a generator) runs without progress lines
+                progress("adabn", n_batches, total)
         if n_batches == 0:
             raise ValueError("the target loader yields no batch: AdaBN has nothing to estimate the statistics on.")
     except BaseException:

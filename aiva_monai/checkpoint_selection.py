@@ -15,6 +15,7 @@ from ignite.engine import Engine, Events
 
 from aiva_monai.io import atomic_path, write_csv_atomic, write_json_atomic
 from aiva_monai.networks import _unwrap
+from aiva_monai.progress import RoundProgress
 from aiva_monai.selection import (
     SELECTION_RULES,
     agreement_dice,
@@ -38,21 +39,29 @@ def target_scores(
     batch_size: int = 32,
     perturbations: Sequence[Callable] = (),
     device=None,
+    progress: Callable | None = None,
 ) -> dict:
     """Label-free scores of ``network`` (eval mode) on unlabelled target slices ``images`` (N, C, H, W):
-    ``target_entropy``, ``target_im`` and, with ``perturbations``, ``target_agreement`` (mean over them)."""
+    ``target_entropy``, ``target_im`` and, with ``perturbations``, ``target_agreement`` (mean over them).
+
+    ``progress("scores", done, total)`` follows the forward passes (N slices, once more per perturbation);
+    None: this module's logger, a line at most every 10 s."""
     device = device or next(network.parameters()).device
     was_training = network.training
     network.eval()
+    total, done = len(images) * (1 + len(perturbations)), 0
+    progress = progress or RoundProgress(logger, every_s=10.0, clock=None)
+    progress("scores", 0, total)
     try:
 
         def predict(batch_images):
-            return torch.cat(
-                [
-                    torch.softmax(network(batch_images[i : i + batch_size].to(device)).float(), dim=1).cpu()
-                    for i in range(0, len(batch_images), batch_size)
-                ]
-            )
+            nonlocal done
+            out = []
+            for i in range(0, len(batch_images), batch_size):
+                out.append(torch.softmax(network(batch_images[i : i + batch_size].to(device)).float(), dim=1).cpu())
+                done += len(out[-1])
+                progress("scores", done, total)
+            return torch.cat(out)
 
         probs = predict(images)
         scores = {"target_entropy": prediction_entropy(probs), "target_im": information_maximization(probs)}

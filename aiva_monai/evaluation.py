@@ -22,7 +22,7 @@ from monai.transforms import Activationsd, AsDiscreted, Compose, KeepLargestConn
 
 from aiva_monai.clustering import ClusteringSettings
 from aiva_monai.embedding import embed_and_cluster
-from aiva_monai.handlers import SurfaceDiceHandler
+from aiva_monai.handlers import ProgressLogHandler, SurfaceDiceHandler
 from aiva_monai.io import write_text_atomic
 from aiva_monai.metrics import voxel_spacing
 from aiva_monai.network_pass import NetworkPass
@@ -86,6 +86,7 @@ def evaluate_volumes(
     amp: bool = False,
     num_workers: int = 0,
     largest_component: bool = False,
+    progress_name: str = "evaluation",
 ) -> list[dict]:
     """Dice and surface Dice (at each of ``tolerances_mm``, each volume's own spacing) of every 3D volume.
 
@@ -97,6 +98,7 @@ def evaluate_volumes(
         tolerances_mm: surface-Dice tolerances; empty for Dice only.
         largest_component: keep only the largest connected component of each foreground class
             (prostate post-processing). An empty prediction stays empty and scores Dice 0.
+        progress_name: what the progress lines (at most every 20 s) call this evaluation.
 
     Returns:
         One dict per volume: subject, site, dice, surface_dice_<t>mm for each tolerance, predicted_ml, reference_ml.
@@ -119,6 +121,7 @@ def evaluate_volumes(
         additional_metrics={surface_dice_key(t): SurfaceDiceHandler(t, output_transform=pair) for t in tolerances_mm},
         amp=amp,
     )
+    ProgressLogHandler(progress_name, every_s=20.0, unit="volumes").attach(evaluator)
     rows: list[dict] = []
 
     @evaluator.on(Events.ITERATION_COMPLETED)
@@ -266,6 +269,7 @@ def run_evaluation(
                 tolerances_mm=tolerances_mm,
                 amp=scoring.amp,
                 largest_component=scoring.largest_component,
+                progress_name=f"evaluating {model_name} on {set_name}",
             ):
                 rows.append({"model": model_name, "set": set_name, **row})
         if clusters is not None and clusters.draws(model_name):

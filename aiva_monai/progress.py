@@ -1,8 +1,8 @@
-"""Progress of a clustering round that a person can follow: log lines and an optional progress bar.
+"""Progress of long work that a person can follow: log lines and an optional progress bar.
 
-Each stage (the embedding pass, PCA, t-SNE, k-means, the source means) logs when it starts, then at most
-every ``every_s`` seconds how far it is (done / total, elapsed, an estimate of the time left by linear
-extrapolation), so a round's log is never silent for long.
+Each stage (a clustering round's embedding pass, PCA, t-SNE, k-means, source means; an AdaBN pass; the
+selection scores; an engine's epoch) logs when it starts, then at most every ``every_s`` seconds how far it is
+(done / total, elapsed, an estimate of the time left by linear extrapolation), so a log is never silent for long.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ _STAGE_WORDS = {
     "tsne": "t-SNE",
     "kmeans": "k-means",
     "means": "source means",
+    "adabn": "AdaBN pass",
+    "scores": "label-free scores",
 }
-_UNITS = {"embed": "slices", "tsne": "iterations", "means": "slices"}
+_UNITS = {"embed": "slices", "tsne": "iterations", "means": "slices", "adabn": "batches", "scores": "slices"}
 
 
 def _duration(seconds: float) -> str:
@@ -40,10 +42,21 @@ class RoundProgress:
         every_s: at most this many seconds between two lines of one stage (the first and the last
             update of a stage are always logged).
         bar: also show a tqdm progress bar per stage (e.g. when stderr is a terminal).
+        clock: how a stage's first line names the time since this object was made (None: left out).
+        units: unit of a stage's done / total, for stages not named above (e.g. {"training": "iterations"}).
     """
 
-    def __init__(self, logger: logging.Logger, label: str = "", every_s: float = 10.0, bar: bool = False) -> None:
+    def __init__(
+        self,
+        logger: logging.Logger,
+        label: str = "",
+        every_s: float = 10.0,
+        bar: bool = False,
+        clock: str | None = "round time so far",
+        units: dict[str, str] | None = None,
+    ) -> None:
         self.logger, self.label, self.every_s, self.bar = logger, label, float(every_s), bool(bar)
+        self.clock, self.units = clock, {**_UNITS, **(units or {})}
         self.stage: str | None = None
         self.started = self.last_line = time.perf_counter()
         self.round_started = self.started
@@ -60,12 +73,12 @@ class RoundProgress:
         self.close()
         self.stage, self.total, self.started, self.finished = stage, int(total), time.perf_counter(), False
         name = _STAGE_WORDS.get(stage, stage)
-        unit = _UNITS.get(stage)
+        unit = self.units.get(stage)
         self._log(
             f"{name} started"
             + (f": {self.total} {unit}" if unit else "")
             + (f" ({detail})" if detail else "")
-            + f"; round time so far {_duration(self.started - self.round_started)}"
+            + (f"; {self.clock} {_duration(self.started - self.round_started)}" if self.clock else "")
         )
         if self.bar and unit:
             self._bar = tqdm(
@@ -86,7 +99,7 @@ class RoundProgress:
         self.finished = done >= total
         elapsed = now - self.started
         left = elapsed * (total - done) / done if 0 < done < total else 0.0
-        unit = _UNITS.get(stage, "")
+        unit = self.units.get(stage, "")
         line = f"{_STAGE_WORDS.get(stage, stage)}: {done}/{total} {unit}".rstrip()
         if detail:
             line += f" ({detail})"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -11,7 +13,11 @@ import torch
 from monai.data import CacheDataset
 from monai.transforms import Compose
 
+from aiva_monai.progress import RoundProgress
+
 __all__ = ["SliceDataset", "check_volume_files"]
+
+logger = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -70,11 +76,22 @@ def check_volume_files(entry: dict, keys: Sequence[str] = ("image", "label"), af
 
 
 class _VolumeCache(CacheDataset):
-    """A ``CacheDataset`` whose loading errors name the volume (MONAI's say only "applying transform ...")."""
+    """A ``CacheDataset`` whose loading errors name the volume (MONAI's say only "applying transform ...") and
+    whose filling logs its progress (a line at most every 10 s: minutes at a real data set's scale)."""
+
+    def __init__(self, data, *args, **kwargs) -> None:
+        self._loaded, self._lock = 0, threading.Lock()  # items are loaded by worker threads, in any order
+        self._progress = RoundProgress(logger, every_s=10.0, clock=None, units={"caching": "volumes"})
+        self._progress("caching", 0, len(data))
+        super().__init__(data, *args, **kwargs)
 
     def _load_cache_item(self, idx: int):
         try:
-            return super()._load_cache_item(idx)
+            item = super()._load_cache_item(idx)
+            with self._lock:
+                self._loaded += 1
+                self._progress("caching", self._loaded, len(self.data))
+            return item
         except Exception as error:
             root = error
             while root.__cause__ is not None:
