@@ -74,3 +74,21 @@ def test_targets_are_judged_on_the_last_round_and_the_warm_volume_runs():
     assert rows[3] == ("one 256x256x256 volume < 1 s (warm, case time)", "0.80 s", "yes")  # the cold first run left out
     one_run = summary.target_rows(None, {"shape": [8, 8, 8], "runs": [{"case_s": 1.5}]})
     assert one_run[-1] == ("one 8x8x8 volume < 1 s (warm, case time)", "1.50 s", "no")
+
+
+def test_log_silences_finds_the_longest_wait_and_what_came_before(tmp_path):
+    log = tmp_path / "train.log"
+    log.write_text(
+        "2026-12-03 04:00:00,000 - INFO - start\n"
+        "a warning without a timestamp\n"
+        "2026-12-03 04:00:10,500 - INFO - step 1\n"
+        "2026-12-03 04:01:00,500 - INFO - embedding pass started\n"
+        "2026-12-03 04:01:05,000 - INFO - done\n"
+    )
+    result = _run(["benchmarks/log_silences.py", str(log), "--top", "1"])
+    assert result.returncode == 0, result.stderr
+    assert f"| {log} | 4 | 1.1 min | 50.0 | 1 |" in result.stdout
+    assert "50.0 s  2026-12-03 04:00:10,500 - INFO - step 1" in result.stdout
+    empty = tmp_path / "empty.log"
+    empty.write_text("no timestamps\n")
+    assert _run(["benchmarks/log_silences.py", str(empty)]).returncode == 1
