@@ -2,10 +2,11 @@
 
     python benchmarks/log_silences.py RUN/train.log [more logs] [--top 5] [--over 30]
 
-Reads the timestamps that start the lines of a MONAI bundle log (``2026-12-03 04:16:50,570 - ...``), and prints
+Reads the timestamps of the records of a MONAI bundle log (``2026-12-03 04:16:50,570 - ...``, also where one
+follows a progress bar's text on the same line), and prints
 per log: lines, span, the longest silence, how many silences exceed ``--over`` seconds, and the ``--top`` longest
-with the line before each (what the run was doing while it said nothing). Lines without a timestamp (warnings,
-tracebacks, progress bars) are skipped. Exit code 1 when a log has no timestamped line.
+with the line before each (what the run was doing while it said nothing). Text without a timestamp (warnings,
+tracebacks, progress bars) is skipped. Exit code 1 when a log has no timestamped line.
 """
 
 from __future__ import annotations
@@ -16,16 +17,16 @@ import re
 import sys
 from pathlib import Path
 
-STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})")
+# a record may follow a progress bar's text on the same line (tqdm ends its updates with \r, not \n)
+STAMP = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) - ")
 
 
 def timestamped_lines(path: Path) -> list[tuple[datetime.datetime, str]]:
     found = []
     for line in path.read_text(errors="replace").splitlines():
-        match = STAMP.match(line)
-        if match:
+        for match in STAMP.finditer(line):
             when = datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S")
-            found.append((when + datetime.timedelta(milliseconds=int(match.group(2))), line))
+            found.append((when + datetime.timedelta(milliseconds=int(match.group(2))), line[match.start() :]))
     found.sort(key=lambda item: item[0])  # several handlers may write the same file
     return found
 

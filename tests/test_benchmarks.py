@@ -82,7 +82,7 @@ def test_log_silences_finds_the_longest_wait_and_what_came_before(tmp_path):
         "2026-12-03 04:00:00,000 - INFO - start\n"
         "a warning without a timestamp\n"
         "2026-12-03 04:00:10,500 - INFO - step 1\n"
-        "2026-12-03 04:01:00,500 - INFO - embedding pass started\n"
+        "Loading dataset: 95%|#  | 19/20\r2026-12-03 04:01:00,500 - INFO - embedding pass started\n"
         "2026-12-03 04:01:05,000 - INFO - done\n"
     )
     result = _run(["benchmarks/log_silences.py", str(log), "--top", "1"])
