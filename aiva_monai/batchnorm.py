@@ -118,7 +118,10 @@ def adapt_batchnorm(
             m.reset_running_stats()  # mean 0, var 1, num_batches_tracked 0
             m.momentum = None  # cumulative average: factor 1 / num_batches_tracked
             m.train()
-        total = len(target_loader) if hasattr(target_loader, "__len__") else 0
+        try:
+            total = len(target_loader)
+        except TypeError:  # a generator, or a DataLoader over an IterableDataset
+            total = 0
         if progress is None:
             progress = RoundProgress(logger, every_s=10.0, clock=None)
         if total:

@@ -63,3 +63,15 @@ def test_scanner_is_checked(ixi_layout, tmp_path):
     with pytest.raises(SystemExit, match="--preset ixi-sim"):
         main(["run", "--preset", "prostate", "--scanner", "bright", "--dataset_dir", str(ixi_layout), "--output",
               str(tmp_path / "o")])  # fmt: skip
+
+
+def test_a_datalist_without_default_sites_keeps_the_presets_pair(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(
+        cli, "run_matrix", lambda cells, *a, **k: seen.update(cells=cells) or {"ran": [], "skipped": [], "failed": []}
+    )
+    datalist = tmp_path / "d.json"
+    datalist.write_text(json.dumps({"training": [], "validation": [], "test": []}))
+    argv = ["run", "--preset", "ixi-sim", "--datalist", str(datalist), "--dataset_dir", str(tmp_path)]
+    assert main([*argv, "--output", str(tmp_path / "o"), "--methods", "source"]) == 0
+    assert {c.target for c in seen["cells"]} == {"ixi_hh_simulated_strong"}

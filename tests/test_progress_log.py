@@ -112,3 +112,44 @@ def test_filling_the_volume_cache_logs_its_progress(tmp_path, caplog):
     got = lines(caplog, "aiva_monai.data.slices")
     assert got[0] == f"caching started: {len(data)} volumes"
     assert got[-1].startswith(f"caching: {len(data)}/{len(data)} volumes") and got[-1].endswith("done")
+
+
+def test_a_validator_is_named_without_the_trainers_epoch(clock, caplog):
+    """MONAI's Evaluator.run(global_epoch) sets epoch = max_epochs = the trainer's epoch: not 'epoch 3/3'."""
+    from monai.engines import SupervisedEvaluator
+
+    network = PreActResUNet(spatial_dims=2, in_channels=1, out_channels=2, channels=(4, 8, 8, 8))
+    data = [{"image": torch.rand(1, 1, 32, 32), "label": torch.zeros(1, 1, 32, 32)} for _ in range(2)]
+    evaluator = SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=data, network=network)
+    ProgressLogHandler("source validation").attach(evaluator)
+    with caplog.at_level(logging.INFO, logger="aiva_monai.progress"):
+        evaluator.run(3)
+    assert lines(caplog, "aiva_monai.progress")[0] == "source validation started: 2 iterations"
+
+
+def test_loaders_without_a_length_run_without_a_total(clock, caplog):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(torch.rand(3, 2, 1, 32, 32))
+
+    loader = torch.utils.data.DataLoader(Stream(), batch_size=None)
+    network = PreActResUNet(spatial_dims=2, in_channels=1, out_channels=2, channels=(4, 8, 8, 8))
+    adapt_batchnorm(network, loader)  # len(loader) raises TypeError: the pass runs, without progress lines
+    engine = Engine(lambda e, b: None)
+    ProgressLogHandler("training").attach(engine)
+    engine.run(loader)
+    assert engine.state.iteration == 3
+
+
+def test_a_filled_slice_dataset_pickles_for_spawned_workers(tmp_path):
+    import pickle
+
+    from aiva_monai.bundle import entries
+    from aiva_monai.data import SliceDataset, volume_transforms
+    from aiva_monai.data.demo import make_demo_dataset
+
+    datalist = make_demo_dataset(tmp_path, n_subjects=(2, 1, 1))
+    data = entries(datalist, "training", "synthetic_a", str(tmp_path))
+    dataset = SliceDataset(data, volume_transforms(pixdim=(4.0, 4.0, 4.0), in_plane_size=(32, 32)), progress=False)
+    copy = pickle.loads(pickle.dumps(dataset))
+    assert len(copy) == len(dataset) and torch.equal(copy[3]["image"], dataset[3]["image"])

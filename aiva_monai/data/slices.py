@@ -84,13 +84,15 @@ class _VolumeCache(CacheDataset):
         self._progress = RoundProgress(logger, every_s=10.0, clock=None, units={"caching": "volumes"})
         self._progress("caching", 0, len(data))
         super().__init__(data, *args, **kwargs)
+        del self._lock, self._progress  # filled: a lock would make the dataset unpicklable (spawned workers)
 
     def _load_cache_item(self, idx: int):
         try:
             item = super()._load_cache_item(idx)
-            with self._lock:
-                self._loaded += 1
-                self._progress("caching", self._loaded, len(self.data))
+            if hasattr(self, "_lock"):  # only while __init__ fills the cache
+                with self._lock:
+                    self._loaded += 1
+                    self._progress("caching", self._loaded, len(self.data))
             return item
         except Exception as error:
             root = error

@@ -51,9 +51,11 @@ def _write_ixi_sim_datalist(dataset_dir: str, scanner: str, output: Path) -> Pat
     return path
 
 
-def datalist_pair(datalist: str | Path) -> tuple[tuple[str], str]:
-    """((source site,), target site) of a two-site datalist: its default sites."""
+def datalist_pair(datalist: str | Path) -> tuple[tuple[str], str] | None:
+    """((source site,), target site) of a two-site datalist: its default sites (None when it names none)."""
     content = json.loads(Path(datalist).read_text())
+    if "default_source_site" not in content or "default_target_site" not in content:
+        return None
     return (content["default_source_site"],), content["default_target_site"]
 
 
@@ -107,8 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument(
         "--scanner",
         default=None,
-        help="ixi-sim: the simulated target scanner (aiva_monai.data.simulate.PRESETS: mild, strong, bright); the "
-        "same subjects as the shipped datalist (scanner 'strong'), written to <output>/datalist_ixi_sim_<scanner>.json",
+        help="ixi-sim: the simulated target scanner (aiva_monai.data.simulate.PRESETS: none, mild, strong, "
+        "bright); the same subjects as the shipped datalist (scanner 'strong'), written to "
+        "<output>/datalist_ixi_sim_<scanner>.json",
     )
     run.add_argument("--epoch_length", type=int, default=None, help="steps between validations / checkpoints")
     run.add_argument("--cluster_every", type=int, default=None, help="AIVA: steps between clustering rounds")
@@ -177,7 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise SystemExit("--scanner needs --preset ixi-sim and --dataset_dir, and no --datalist.")
             args.datalist = str(_write_ixi_sim_datalist(args.dataset_dir, args.scanner, Path(args.output)))
         if args.datalist and preset.shipped_datalist:  # a two-site preset: the pair is the given datalist's
-            preset = dataclasses.replace(preset, pairs=(datalist_pair(args.datalist),))
+            pair = datalist_pair(args.datalist)
+            if pair is not None:
+                preset = dataclasses.replace(preset, pairs=(pair,))
     cells = grid(preset, args.methods, args.seeds, args.k, args.steps, args.paper_subset)
     if args.targets:
         cells = [c for c in cells if c.target in args.targets]

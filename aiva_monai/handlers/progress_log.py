@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from ignite.engine import Engine, Events
+from monai.engines import Evaluator
 
 from aiva_monai.progress import RoundProgress
 
@@ -46,6 +47,8 @@ class ProgressLogHandler:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
 
     def _stage(self, engine: Engine) -> str:
+        if isinstance(engine, Evaluator):  # run(global_epoch) sets epoch = max_epochs = the trainer's epoch
+            return self.name
         epochs = engine.state.max_epochs
         return f"{self.name} epoch {engine.state.epoch}/{epochs}" if epochs and epochs > 1 else self.name
 
@@ -65,6 +68,8 @@ class ProgressLogHandler:
     def _length(engine: Engine) -> int:
         length = engine.state.epoch_length
         if length is None:
-            data = engine.state.dataloader
-            length = len(data) if hasattr(data, "__len__") else 0
+            try:
+                length = len(engine.state.dataloader)
+            except TypeError:  # an iterable without a length: lines without a total
+                length = 0
         return int(length or 0)
