@@ -122,14 +122,13 @@ def adapt_batchnorm(
             total = len(target_loader)
         except TypeError:  # a generator, or a DataLoader over an IterableDataset
             total = 0
-        if progress is None:
-            progress = RoundProgress(logger, every_s=10.0, clock=None)
-        if total:
+        if total:  # a loader without a length (a generator) runs without progress lines
+            progress = progress or RoundProgress(logger, every_s=10.0, clock=None)
             progress("adabn", 0, total)  # the stage starts now: its clock counts the first batch
         for batch in target_loader:
             network(torch.as_tensor(_images_of(batch, image_key)).to(device))
             n_batches += 1
-            if total:  # a loader without a length (a generator) runs without progress lines
+            if total:
                 progress("adabn", n_batches, total)
         if n_batches == 0:
             raise ValueError("the target loader yields no batch: AdaBN has nothing to estimate the statistics on.")

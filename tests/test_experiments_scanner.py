@@ -56,10 +56,12 @@ def test_scanner_writes_the_same_subjects_with_another_scanner_and_the_cells_fol
     assert [e["site"] for e in subset["training"]] == ["ixi_hh"] * 2 + ["ixi_hh_simulated_bright"] * 2
 
 
-def test_scanner_is_checked(ixi_layout, tmp_path):
-    with pytest.raises(SystemExit, match="not one of"):
+def test_scanner_is_checked(ixi_layout, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
         main(["run", "--preset", "ixi-sim", "--scanner", "blue", "--dataset_dir", str(ixi_layout), "--output",
               str(tmp_path / "o")])  # fmt: skip
+    assert stopped.value.code == 2 and "invalid choice: 'blue'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
     with pytest.raises(SystemExit, match="--preset ixi-sim"):
         main(["run", "--preset", "prostate", "--scanner", "bright", "--dataset_dir", str(ixi_layout), "--output",
               str(tmp_path / "o")])  # fmt: skip

@@ -84,7 +84,7 @@ class _VolumeCache(CacheDataset):
         self._progress = RoundProgress(logger, every_s=10.0, clock=None, units={"caching": "volumes"})
         self._progress("caching", 0, len(data))
         super().__init__(data, *args, **kwargs)
-        del self._lock, self._progress  # filled: a lock would make the dataset unpicklable (spawned workers)
+        del self._loaded, self._lock, self._progress  # filled; a lock would make it unpicklable (spawned workers)
 
     def _load_cache_item(self, idx: int):
         try:

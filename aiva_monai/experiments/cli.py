@@ -8,6 +8,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from aiva_monai.data.simulate import PRESETS as SCANNERS
 from aiva_monai.experiments.compare import write_comparison
 from aiva_monai.experiments.grid import DEFAULT_K, METHOD_ORDER, PRESETS, grid
 from aiva_monai.experiments.matrix import run_matrix
@@ -41,11 +42,8 @@ def subset_datalist(datalist: str | Path, counts: Sequence[int], path: Path) -> 
 
 def _write_ixi_sim_datalist(dataset_dir: str, scanner: str, output: Path) -> Path:
     from aiva_monai.data import ixi_sim_datalist
-    from aiva_monai.data.simulate import PRESETS as SCANNERS
     from aiva_monai.io import write_json_atomic
 
-    if scanner not in SCANNERS:
-        raise SystemExit(f"--scanner {scanner!r}: not one of {sorted(SCANNERS)}.")
     path = output.resolve() / f"datalist_ixi_sim_{scanner}.json"
     write_json_atomic(path, ixi_sim_datalist(dataset_dir, target_change=scanner))
     return path
@@ -109,9 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument(
         "--scanner",
         default=None,
-        help="ixi-sim: the simulated target scanner (aiva_monai.data.simulate.PRESETS: none, mild, strong, "
-        "bright); the same subjects as the shipped datalist (scanner 'strong'), written to "
-        "<output>/datalist_ixi_sim_<scanner>.json",
+        choices=sorted(SCANNERS),
+        help="ixi-sim: the simulated target scanner (aiva_monai.data.simulate.PRESETS); the same subjects as the "
+        "shipped datalist (scanner 'strong'), written to <output>/datalist_ixi_sim_<scanner>.json",
     )
     run.add_argument("--epoch_length", type=int, default=None, help="steps between validations / checkpoints")
     run.add_argument("--cluster_every", type=int, default=None, help="AIVA: steps between clustering rounds")
