@@ -116,3 +116,28 @@ def test_the_bundles_match_clusters_in_the_pca_space_and_the_library_keeps_the_p
     handler = handler_of(overridden.get_parsed_content("train#handlers"), "AIVAClusteringHandler")
     assert handler.settings.match_space == "tsne"
     assert ClusteringSettings().match_space == "tsne"
+
+
+TRAINER_NAMES = {"train.json": "training", "pretrain.json": "pretraining"}
+
+
+@pytest.mark.parametrize("config", sorted(TRAINER_NAMES))
+def test_trainer_and_source_validator_log_progress_every_progress_every_s(datalist, tmp_path, config):
+    """Issue 14's "no silent stretch over 30 s": both engines of the training configs carry a ProgressLogHandler
+    at ``progress_every_s``, overridable from the command line. The prostate bundle shares these keys
+    (tests/test_bundle_configs_shared.py)."""
+    for every_s in (20, 7.5):
+        parser = ConfigParser()
+        parser.read_config(str(CONFIGS / config))
+        parser.update(
+            {
+                "datalist": str(datalist),
+                "output_dir": str(tmp_path / str(every_s)),
+                "device": "$torch.device('cpu')",
+                "progress_every_s": every_s,
+            }
+        )
+        for engine, name in (("train", TRAINER_NAMES[config]), ("validate", "source validation")):
+            handler = handler_of(parser.get_parsed_content(f"{engine}#handlers"), "ProgressLogHandler")
+            assert handler is not None, f"{config}: {engine} has no ProgressLogHandler"
+            assert (handler.name, handler.every_s) == (name, every_s)
