@@ -64,6 +64,19 @@ def _parse_value(text: str):
         return text
 
 
+def bundle_overrides(items: Sequence[str]) -> dict:
+    """``run --set`` items ("KEY=VALUE", the value read as JSON when it parses) as {KEY: value}."""
+    overrides = {}
+    for item in items:
+        key, equals, value = item.partition("=")
+        if not key or not equals:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. lambda_multiplier=0.")
+        if key in overrides:
+            raise SystemExit(f"--set {key} is given twice ({overrides[key]!r} and {value!r}): give it once.")
+        overrides[key] = _parse_value(value)
+    return overrides
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m aiva_monai.experiments",
@@ -123,7 +136,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rule's pick is evaluated and reported anyway",
     )
     run.add_argument(
-        "--set", nargs="+", default=[], metavar="KEY=VALUE", help="extra monai.bundle overrides (JSON values)"
+        "--set",
+        nargs="+",
+        action="extend",  # `--set a=1 --set b=2` keeps both (a plain store kept only the last --set)
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra monai.bundle overrides (JSON values); may be repeated",
     )
     run.add_argument(
         "--bundles",
@@ -173,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     preset = PRESETS[args.preset]
     if args.command == "run":
+        overrides = bundle_overrides(args.set)  # checked before anything is written
         if args.scanner:
             if args.preset != "ixi-sim" or args.datalist or not args.dataset_dir:
                 raise SystemExit("--scanner needs --preset ixi-sim and --dataset_dir, and no --datalist.")
@@ -193,10 +212,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(
             f"--preset {args.preset} needs --dataset_dir (the data the datalist's relative paths point into)."
         )
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = _parse_value(value)
     runner = BundleCellRunner(
         preset,
         Path(args.output),
