@@ -37,11 +37,21 @@ def test_every_set_override_reaches_the_runner(captured, flags):
     assert seen["overrides"] == {"lambda_multiplier": 0, "cluster_options#match_space": "pca"}
 
 
+def test_values_are_json_when_they_parse_and_may_hold_an_equals_sign(captured):
+    seen, argv = captured
+    flags = ["--set", 'frozen_modules=["decoder"]', 'cluster_options={"k": 2}', "notes=a=b", "amp=false"]
+    assert main([*argv, *flags]) == 0
+    expected = {"frozen_modules": ["decoder"], "cluster_options": {"k": 2}, "notes": "a=b", "amp": False}
+    assert seen["overrides"] == expected
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
         (["--set", "lambda_multiplier"], "expected KEY=VALUE"),
         (["--set", "=3"], "expected KEY=VALUE"),
+        (["--set", "lambda_multiplier="], "expected KEY=VALUE"),
+        (["--set", "cluster_options#k=2", "--set", "cluster_options::k=3"], "given twice"),
         (["--set", "lambda_multiplier=0", "--set", "lambda_multiplier=1"], "given twice"),
     ],
 )

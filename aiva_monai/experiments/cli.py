@@ -66,13 +66,16 @@ def _parse_value(text: str):
 
 def bundle_overrides(items: Sequence[str]) -> dict:
     """``run --set`` items ("KEY=VALUE", the value read as JSON when it parses) as {KEY: value}."""
-    overrides = {}
+    overrides, seen = {}, {}
     for item in items:
-        key, equals, value = item.partition("=")
-        if not key or not equals:
+        key, equals, value = item.partition("=")  # the value may hold "=" itself
+        key = key.strip()
+        if not key or not equals or not value:
             raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. lambda_multiplier=0.")
-        if key in overrides:
-            raise SystemExit(f"--set {key} is given twice ({overrides[key]!r} and {value!r}): give it once.")
+        same = key.replace("::", "#")  # monai.bundle reads "a::b" as "a#b"
+        if same in seen:
+            raise SystemExit(f"--set {key} is given twice ({seen[same]!r} and {item!r}): give it once.")
+        seen[same] = item
         overrides[key] = _parse_value(value)
     return overrides
 
