@@ -133,6 +133,11 @@ class CheckpointSelectionHandler:
         interval: epochs between candidates.
         model_filename: where the pick of ``rule`` goes.
         keep_all: keep every candidate's file (default: only those some rule picks).
+        site_context: callable(site) -> context manager that installs that site's BatchNorm statistics
+            (``AdaptationBatchNorm.site_statistics``). When given, every candidate is also saved with the
+            SOURCE statistics (``selection/epoch_N_source_statistics.pt``) and the pick of ``rule`` is copied to
+            ``<model_filename stem>_source_statistics.pt``: the adapted weights for the source site's scans
+            (the candidate itself carries the target statistics).
 
     ``state_dict()`` holds the candidates' records, so a resumed run continues the same table.
     """
@@ -149,6 +154,7 @@ class CheckpointSelectionHandler:
         interval: int = 1,
         model_filename: str = "model.pt",
         keep_all: bool = False,
+        site_context: Callable | None = None,
     ) -> None:
         if rule not in SELECTION_RULES:
             raise ValueError(f"unknown selection rule {rule!r}; choose one of {sorted(SELECTION_RULES)}.")
@@ -168,6 +174,7 @@ class CheckpointSelectionHandler:
         self.interval = int(interval)
         self.model_filename = model_filename
         self.keep_all = bool(keep_all)
+        self.site_context = site_context
         self.records: list[dict] = []
         self._images: torch.Tensor | None = None
 
@@ -208,6 +215,10 @@ class CheckpointSelectionHandler:
                 )
             with atomic_path(self.output_dir / record["file"]) as temporary:
                 torch.save(plain.state_dict(), temporary)
+            if self.site_context is not None:
+                record["source_statistics_file"] = f"selection/epoch_{epoch:04d}_source_statistics.pt"
+                with self.site_context("source"), atomic_path(self.output_dir / record["source_statistics_file"]) as t:
+                    torch.save(plain.state_dict(), t)
         finally:
             if saved is not None:
                 plain.load_state_dict(saved)
@@ -250,6 +261,15 @@ class CheckpointSelectionHandler:
         )
         with atomic_path(self.output_dir / self.model_filename) as temporary:
             shutil.copyfile(self.output_dir / chosen["file"], temporary)
+        if "source_statistics_file" in chosen:
+            with atomic_path(self.output_dir / self.source_statistics_filename) as temporary:
+                shutil.copyfile(self.output_dir / chosen["source_statistics_file"], temporary)
+
+    @property
+    def source_statistics_filename(self) -> str:
+        """Where the pick of ``rule`` with the source statistics goes (model.pt -> model_source_statistics.pt)."""
+        model = Path(self.model_filename)
+        return str(model.with_name(f"{model.stem}_source_statistics{model.suffix}"))
 
     def finish(self, engine: Engine | None = None) -> None:
         """Delete the candidates no rule picks (unless ``keep_all``)."""
@@ -259,6 +279,8 @@ class CheckpointSelectionHandler:
         for record in self.records:
             if record["file"] not in kept:
                 (self.output_dir / record["file"]).unlink(missing_ok=True)
+                if "source_statistics_file" in record:
+                    (self.output_dir / record["source_statistics_file"]).unlink(missing_ok=True)
 
     # -- checkpointing ----------------------------------------------------------------------------
 

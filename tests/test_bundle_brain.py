@@ -112,6 +112,15 @@ def test_pretrain_adapt_evaluate_through_monai_bundle(ixi_tiny):
         2,
     ]
     assert state["loss"]["_extra_state"]["lambda_value"] is None  # 4 steps < 10 calibration batches
+    # per-site BatchNorm: the pick is also saved with the source statistics, for the source site's scans
+    adapted, for_source = (
+        torch.load(folder / "train" / name, map_location="cpu", weights_only=True)
+        for name in ("model.pt", "model_source_statistics.pt")
+    )
+    assert adapted.keys() == for_source.keys()
+    statistics = [k for k in adapted if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert statistics and all(torch.equal(adapted[k], for_source[k]) for k in adapted if k not in statistics)
+    assert not all(torch.equal(adapted[k], for_source[k]) for k in statistics)
 
     run(config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")], **overrides)
     evaluation = folder / "train" / "evaluation"

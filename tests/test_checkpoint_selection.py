@@ -8,6 +8,7 @@ import pytest
 import torch
 from ignite.engine import Engine
 
+from aiva_monai.batchnorm import AdaptationBatchNorm, batchnorm_layers
 from aiva_monai.checkpoint_selection import CheckpointSelectionHandler, TargetScoring, target_scores
 from aiva_monai.networks import PreActResUNet
 
@@ -45,9 +46,9 @@ def make_validator():
     return validator
 
 
-def make_run(tmp_path, rule, prepare=None, epochs=4):
+def make_run(tmp_path, rule, prepare=None, epochs=4, network=None, site_context=None):
     torch.manual_seed(0)
-    network = PreActResUNet(channels=(4, 8), blocks_per_level=1)
+    network = network or PreActResUNet(channels=(4, 8), blocks_per_level=1)
 
     def step(engine, batch):  # each epoch moves the weights: the candidates differ
         with torch.no_grad():
@@ -61,6 +62,7 @@ def make_run(tmp_path, rule, prepare=None, epochs=4):
         validator=make_validator(),
         target=TargetScoring(TargetSlices(), max_slices=4),
         prepare=prepare,
+        site_context=site_context,
     )
     handler.attach(trainer)
     return trainer, handler, network
@@ -107,6 +109,50 @@ def test_prepare_applies_to_the_candidate_only(tmp_path):
     trainer.run([0], max_epochs=2, epoch_length=1)
     assert torch.count_nonzero(weights_of(tmp_path / "model.pt")) == 0  # saved as prepared
     assert torch.count_nonzero(network.head[1].conv.weight) > 0  # training continues unprepared
+
+
+def test_with_a_site_context_each_candidate_is_also_saved_with_the_source_statistics(tmp_path):
+    """Per-site BatchNorm: the candidates carry the target statistics; their companions the same weights with
+    the source set, and the configured rule's pick with it becomes model_source_statistics.pt."""
+    network = PreActResUNet(channels=(4, 8), blocks_per_level=1)
+    layers = [m for _, m in batchnorm_layers(network)]
+    for m in layers:
+        m.running_mean.fill_(2.0)  # the source statistics
+    bn = AdaptationBatchNorm(network, "per_site")
+    bn.start()
+    for m in layers:
+        m.running_mean.fill_(0.5)  # the target statistics, which the network carries
+    trainer, handler, _ = make_run(tmp_path, "source_lowest", network=network, site_context=bn.site_statistics)
+    trainer.run([0], max_epochs=4, epoch_length=1)
+
+    def means(state):
+        return {key: value for key, value in state.items() if key.endswith("running_mean")}
+
+    picks = json.loads((tmp_path / "selection.json").read_text())["picks"]
+    kept = {p["file"] for p in picks.values()}
+    for record in handler.records:
+        companion = tmp_path / record["source_statistics_file"]
+        assert companion.exists() == (record["file"] in kept)
+        if record["file"] in kept:
+            candidate, source = (torch.load(f, weights_only=True) for f in (tmp_path / record["file"], companion))
+            assert all(torch.all(v == 0.5) for v in means(candidate).values())
+            assert all(torch.all(v == 2.0) for v in means(source).values()) and len(means(source)) == len(layers)
+            for key, value in candidate.items():  # everything else is the candidate's
+                if key not in means(candidate):
+                    torch.testing.assert_close(source[key], value)
+    pick = next(r for r in handler.records if r["epoch"] == 3)  # source_lowest
+    expected = torch.load(tmp_path / pick["source_statistics_file"], weights_only=True)
+    shipped = torch.load(tmp_path / "model_source_statistics.pt", weights_only=True)
+    assert shipped.keys() == expected.keys() and all(torch.equal(shipped[k], expected[k]) for k in expected)
+    assert all(torch.all(m.running_mean == 0.5) for m in layers)  # training goes on with the target set
+    assert all(torch.all(s["running_mean"] == 2.0) for s in bn.source_set)
+    assert "source_statistics_file" in next(csv.DictReader(open(tmp_path / "selection.csv")))
+
+
+def test_without_a_site_context_no_source_statistics_file(tmp_path):
+    trainer, handler, network = make_run(tmp_path, "last")
+    trainer.run([0], max_epochs=2, epoch_length=1)
+    assert not list(tmp_path.rglob("*source_statistics*"))
 
 
 def test_resume_continues_the_same_table(tmp_path):

@@ -21,6 +21,7 @@ KEYS = (
     "frozen_modules",
     "bottleneck",
     "poly_schedule",
+    "save_source_statistics",
 )
 
 
