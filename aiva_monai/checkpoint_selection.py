@@ -132,7 +132,6 @@ class CheckpointSelectionHandler:
             afterwards for training to continue), e.g. AdaBN.
         interval: epochs between candidates.
         model_filename: where the pick of ``rule`` goes.
-        keep_all: keep every candidate's file (default: only those some rule picks).
         site_context: callable(site) -> context manager that installs that site's BatchNorm statistics
             (``AdaptationBatchNorm.site_statistics``). When given, every candidate is also saved with the
             SOURCE statistics (``selection/epoch_N_source_statistics.pt``) and the pick of ``rule`` is copied to
@@ -153,7 +152,6 @@ class CheckpointSelectionHandler:
         prepare: Callable | None = None,
         interval: int = 1,
         model_filename: str = "model.pt",
-        keep_all: bool = False,
         site_context: Callable | None = None,
     ) -> None:
         if rule not in SELECTION_RULES:
@@ -173,7 +171,6 @@ class CheckpointSelectionHandler:
         self.prepare = prepare
         self.interval = int(interval)
         self.model_filename = model_filename
-        self.keep_all = bool(keep_all)
         self.site_context = site_context
         self.records: list[dict] = []
         self._images: torch.Tensor | None = None
@@ -272,8 +269,8 @@ class CheckpointSelectionHandler:
         return str(model.with_name(f"{model.stem}_source_statistics{model.suffix}"))
 
     def finish(self, engine: Engine | None = None) -> None:
-        """Delete the candidates no rule picks (unless ``keep_all``)."""
-        if self.keep_all or not self.records:
+        """Delete the candidates no rule picks."""
+        if not self.records:
             return
         kept = {p["file"] for p in self.picks().values()}
         for record in self.records:
