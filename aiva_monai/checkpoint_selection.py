@@ -133,10 +133,12 @@ class CheckpointSelectionHandler:
         interval: epochs between candidates.
         model_filename: where the pick of ``rule`` goes.
         site_context: callable(site) -> context manager that installs that site's BatchNorm statistics
-            (``AdaptationBatchNorm.site_statistics``). When given, every candidate is also saved with the
-            SOURCE statistics (``selection/epoch_N_source_statistics.pt``) and the pick of ``rule`` is copied to
+            (``AdaptationBatchNorm.site_statistics``, mode "per_site": the source set the source passes kept
+            up to date). When given, every candidate is also saved with the SOURCE statistics
+            (``selection/epoch_N_source_statistics.pt``) and the pick of ``rule`` is copied to
             ``<model_filename stem>_source_statistics.pt``: the adapted weights for the source site's scans
-            (the candidate itself carries the target statistics).
+            (the candidate itself carries the target statistics). The context must be left before the
+            candidate's buffers are restored (it swaps tensors, the restore copies into them).
 
     ``state_dict()`` holds the candidates' records, so a resumed run continues the same table.
     """
@@ -258,9 +260,13 @@ class CheckpointSelectionHandler:
         )
         with atomic_path(self.output_dir / self.model_filename) as temporary:
             shutil.copyfile(self.output_dir / chosen["file"], temporary)
+        companion = self.output_dir / self.source_statistics_filename
         if "source_statistics_file" in chosen:
-            with atomic_path(self.output_dir / self.source_statistics_filename) as temporary:
+            with atomic_path(companion) as temporary:
                 shutil.copyfile(self.output_dir / chosen["source_statistics_file"], temporary)
+        elif companion.exists():  # e.g. a run resumed without site_context: never leave a stale one beside model.pt
+            logger.info("removing %s: the pick %s has no source-statistics copy", companion, chosen["file"])
+            companion.unlink()
 
     @property
     def source_statistics_filename(self) -> str:

@@ -111,22 +111,40 @@ def test_prepare_applies_to_the_candidate_only(tmp_path):
     assert torch.count_nonzero(network.head[1].conv.weight) > 0  # training continues unprepared
 
 
-def test_with_a_site_context_each_candidate_is_also_saved_with_the_source_statistics(tmp_path):
+@pytest.mark.parametrize("final_adabn", [False, True])
+def test_with_a_site_context_each_candidate_is_also_saved_with_the_source_statistics(tmp_path, final_adabn):
     """Per-site BatchNorm: the candidates carry the target statistics; their companions the same weights with
-    the source set, and the configured rule's pick with it becomes model_source_statistics.pt."""
+    the source set, and the configured rule's pick with it becomes model_source_statistics.pt. With a
+    ``prepare`` that rewrites the statistics (final AdaBN), the source set and the target set survive."""
     network = PreActResUNet(channels=(4, 8), blocks_per_level=1)
     layers = [m for _, m in batchnorm_layers(network)]
-    for m in layers:
-        m.running_mean.fill_(2.0)  # the source statistics
+    for m in layers:  # the source statistics
+        m.running_mean.fill_(2.0)
+        m.running_var.fill_(3.0)
     bn = AdaptationBatchNorm(network, "per_site")
     bn.start()
-    for m in layers:
-        m.running_mean.fill_(0.5)  # the target statistics, which the network carries
-    trainer, handler, _ = make_run(tmp_path, "source_lowest", network=network, site_context=bn.site_statistics)
+    for m in layers:  # the target statistics, which the network carries
+        m.running_mean.fill_(0.5)
+        m.running_var.fill_(0.25)
+    candidate_mean = 0.5
+
+    def rewrite(net):
+        for _, m in batchnorm_layers(net):
+            m.running_mean.fill_(7.0)
+
+    if final_adabn:
+        candidate_mean = 7.0
+    trainer, handler, _ = make_run(
+        tmp_path,
+        "source_lowest",
+        network=network,
+        site_context=bn.site_statistics,
+        prepare=rewrite if final_adabn else None,
+    )
     trainer.run([0], max_epochs=4, epoch_length=1)
 
-    def means(state):
-        return {key: value for key, value in state.items() if key.endswith("running_mean")}
+    def statistics(state, name):
+        return [value for key, value in state.items() if key.endswith(name)]
 
     picks = json.loads((tmp_path / "selection.json").read_text())["picks"]
     kept = {p["file"] for p in picks.values()}
@@ -135,18 +153,28 @@ def test_with_a_site_context_each_candidate_is_also_saved_with_the_source_statis
         assert companion.exists() == (record["file"] in kept)
         if record["file"] in kept:
             candidate, source = (torch.load(f, weights_only=True) for f in (tmp_path / record["file"], companion))
-            assert all(torch.all(v == 0.5) for v in means(candidate).values())
-            assert all(torch.all(v == 2.0) for v in means(source).values()) and len(means(source)) == len(layers)
+            assert all(torch.all(v == candidate_mean) for v in statistics(candidate, "running_mean"))
+            assert len(statistics(source, "running_mean")) == len(layers)
+            assert all(torch.all(v == 2.0) for v in statistics(source, "running_mean"))
+            assert all(torch.all(v == 3.0) for v in statistics(source, "running_var"))
             for key, value in candidate.items():  # everything else is the candidate's
-                if key not in means(candidate):
+                if not key.endswith(("running_mean", "running_var", "num_batches_tracked")):
                     torch.testing.assert_close(source[key], value)
     pick = next(r for r in handler.records if r["epoch"] == 3)  # source_lowest
     expected = torch.load(tmp_path / pick["source_statistics_file"], weights_only=True)
     shipped = torch.load(tmp_path / "model_source_statistics.pt", weights_only=True)
     assert shipped.keys() == expected.keys() and all(torch.equal(shipped[k], expected[k]) for k in expected)
-    assert all(torch.all(m.running_mean == 0.5) for m in layers)  # training goes on with the target set
-    assert all(torch.all(s["running_mean"] == 2.0) for s in bn.source_set)
+    # training goes on with the target set, and the source set is intact
+    assert all(torch.all(m.running_mean == 0.5) and torch.all(m.running_var == 0.25) for m in layers)
+    assert all(torch.all(s["running_mean"] == 2.0) and torch.all(s["running_var"] == 3.0) for s in bn.source_set)
     assert "source_statistics_file" in next(csv.DictReader(open(tmp_path / "selection.csv")))
+
+
+def test_a_pick_without_a_source_statistics_copy_leaves_no_stale_one(tmp_path):
+    (tmp_path / "model_source_statistics.pt").write_bytes(b"from an earlier run")
+    trainer, handler, network = make_run(tmp_path, "last")
+    trainer.run([0], max_epochs=1, epoch_length=1)
+    assert (tmp_path / "model.pt").exists() and not (tmp_path / "model_source_statistics.pt").exists()
 
 
 def test_without_a_site_context_no_source_statistics_file(tmp_path):
