@@ -106,6 +106,12 @@ class TargetScoring:
         return torch.stack([torch.as_tensor(self.dataset[i][self.image_key]).float() for i in positions])
 
 
+def _with_source_statistics(file: str) -> str:
+    """A weights file's copy with the source statistics: a/epoch_0002.pt -> a/epoch_0002_source_statistics.pt."""
+    path = Path(file)
+    return str(path.with_name(f"{path.stem}_source_statistics{path.suffix}"))
+
+
 class CheckpointSelectionHandler:
     """Label-free model selection for an adaptation trainer (``aiva_monai.selection``).
 
@@ -215,7 +221,7 @@ class CheckpointSelectionHandler:
             with atomic_path(self.output_dir / record["file"]) as temporary:
                 torch.save(plain.state_dict(), temporary)
             if self.site_context is not None:
-                record["source_statistics_file"] = f"selection/epoch_{epoch:04d}_source_statistics.pt"
+                record["source_statistics_file"] = _with_source_statistics(record["file"])
                 with self.site_context("source"), atomic_path(self.output_dir / record["source_statistics_file"]) as t:
                     torch.save(plain.state_dict(), t)
         finally:
@@ -271,8 +277,7 @@ class CheckpointSelectionHandler:
     @property
     def source_statistics_filename(self) -> str:
         """Where the pick of ``rule`` with the source statistics goes (model.pt -> model_source_statistics.pt)."""
-        model = Path(self.model_filename)
-        return str(model.with_name(f"{model.stem}_source_statistics{model.suffix}"))
+        return _with_source_statistics(self.model_filename)
 
     def finish(self, engine: Engine | None = None) -> None:
         """Delete the candidates no rule picks."""

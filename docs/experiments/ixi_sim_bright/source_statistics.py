@@ -37,8 +37,8 @@ def with_source_statistics(checkpoint_file: str, pick_file: str, output_file: st
     torch.save(weights, output_file)
 
 
-def main() -> None:
-    procs = []
+def main() -> int:
+    codes = []
     for seed in (0, 1, 2):
         run = glob.glob(f"/work/results/ixb_aiva_seed{seed}/runs/*/")[0]
         picks = json.load(open(run + "selection.json"))["picks"]
@@ -62,11 +62,11 @@ def main() -> None:
             "--cluster_figure", "False", "--tolerances_mm", "[1.0, 2.0]",
         ]  # fmt: skip
         env = dict(os.environ, PYTHONPATH=CLONE, OMP_NUM_THREADS="1")
-        log = open(f"{out}/eval.log", "w")
-        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=CLONE))
-        procs[-1].wait()  # one at a time: the no-alignment control runs beside it
-    print([p.returncode for p in procs])
+        with open(f"{out}/eval.log", "w") as log:  # one at a time: the no-alignment control ran beside it
+            codes.append(subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=CLONE).returncode)
+    print(codes)
+    return 1 if any(codes) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
