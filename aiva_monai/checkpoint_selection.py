@@ -26,7 +26,7 @@ from aiva_monai.selection import (
     prediction_entropy,
 )
 
-__all__ = ["CheckpointSelectionHandler", "TargetScoring", "target_scores"]
+__all__ = ["CheckpointSelectionHandler", "TargetScoring", "source_statistics_file", "target_scores"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class TargetScoring:
         return torch.stack([torch.as_tensor(self.dataset[i][self.image_key]).float() for i in positions])
 
 
-def _with_source_statistics(file: str) -> str:
+def source_statistics_file(file: str) -> str:
     """A weights file's copy with the source statistics: a/epoch_0002.pt -> a/epoch_0002_source_statistics.pt."""
     path = Path(file)
     return str(path.with_name(f"{path.stem}_source_statistics{path.suffix}"))
@@ -221,7 +221,7 @@ class CheckpointSelectionHandler:
             with atomic_path(self.output_dir / record["file"]) as temporary:
                 torch.save(plain.state_dict(), temporary)
             if self.site_context is not None:
-                record["source_statistics_file"] = _with_source_statistics(record["file"])
+                record["source_statistics_file"] = source_statistics_file(record["file"])
                 with self.site_context("source"), atomic_path(self.output_dir / record["source_statistics_file"]) as t:
                     torch.save(plain.state_dict(), t)
         finally:
@@ -277,7 +277,7 @@ class CheckpointSelectionHandler:
     @property
     def source_statistics_filename(self) -> str:
         """Where the pick of ``rule`` with the source statistics goes (model.pt -> model_source_statistics.pt)."""
-        return _with_source_statistics(self.model_filename)
+        return source_statistics_file(self.model_filename)
 
     def finish(self, engine: Engine | None = None) -> None:
         """Delete the candidates no rule picks."""

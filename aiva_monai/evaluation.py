@@ -222,6 +222,20 @@ class VolumeScoring:
         object.__setattr__(self, "tolerances_mm", tuple(float(t) for t in self.tolerances_mm))
 
 
+def _checkpoint_files(checkpoints: dict, datasets: dict) -> tuple[dict, dict]:
+    """({model name: file}, {model name: set names}) of ``run_evaluation``'s checkpoints; a set name that is not a
+    key of ``datasets`` is an error (a typo would silently score nothing)."""
+    files, sets_of = {}, {}
+    for name, entry in checkpoints.items():
+        files[name], sets_of[name] = (
+            (str(entry["file"]), list(entry["sets"])) if isinstance(entry, dict) else (entry, list(datasets))
+        )
+        unknown = [s for s in sets_of[name] if s not in datasets]
+        if unknown:
+            raise ValueError(f"checkpoint {name!r}: unknown test sets {unknown}; the sets are {list(datasets)}.")
+    return files, sets_of
+
+
 def run_evaluation(
     network,
     checkpoints: dict,
@@ -235,12 +249,14 @@ def run_evaluation(
     notes: str = "",
     clusters: ClusterFigure | dict | None = None,
 ) -> dict:
-    """Evaluate every checkpoint on every volume set; write ``evaluation.csv``, ``summary.md`` and, when
-    ``clusters`` is given, ``clusters.png`` (``ClusterFigure``).
+    """Evaluate every checkpoint on every volume set (or on the sets named with it); write ``evaluation.csv``,
+    ``summary.md`` and, when ``clusters`` is given, ``clusters.png`` (``ClusterFigure``).
 
     Args:
         network: the network (its weights are replaced by each checkpoint in turn).
-        checkpoints: {"source": path, "adapted": path}, evaluated in this order.
+        checkpoints: {"source": path, "adapted": path}, evaluated in this order; a value may also be
+            {"file": path, "sets": [set names]} for a checkpoint meant for some sets only (a model with the source
+            site's BatchNorm statistics: ["source test"]).
         datasets: {"target test": dataset, "source test": dataset} of preprocessed volumes.
         selection_rule: how the checkpoints were chosen, written next to every number.
         notes: extra lines for the summary (data set, synthetic or simulated, ...).
@@ -255,11 +271,14 @@ def run_evaluation(
     clusters = ClusterFigure(**clusters) if isinstance(clusters, dict) else clusters
     scoring = VolumeScoring(**scoring) if isinstance(scoring, dict) else scoring or VolumeScoring()
     tolerances_mm = scoring.tolerances_mm
+    checkpoints, sets_of = _checkpoint_files(checkpoints, datasets)
     network = network.to(device)
     rows, clusterings = [], {}
     for model_name, checkpoint in checkpoints.items():
         load_network_weights(network, checkpoint)
         for set_name, dataset in datasets.items():
+            if set_name not in sets_of[model_name]:
+                continue
             logger.info(f"evaluating {model_name} ({checkpoint}) on {set_name}: {len(dataset)} volumes")
             for row in evaluate_volumes(
                 network,

@@ -136,16 +136,20 @@ def test_pretrain_adapt_evaluate_through_monai_bundle(ixi_tiny):
     models = {}
     for row in rows:
         models.setdefault(row["model"], []).append(row["set"])
+    picks = json.loads((folder / "train" / "selection.json").read_text())
+    # model_source_statistics.pt, last and on the source test subject only: it is a model for the source site
+    with_source_statistics = f"adapted ({picks['rule']}) with source statistics"
+    assert list(models)[-1] == with_source_statistics and models.pop(with_source_statistics) == ["source test"]
     # source, the AdaBN baseline and every distinct pick of the selection rules, each on both test subjects
     assert list(models)[:2] == ["source", "adabn"] and all(
         sorted(sets) == ["source test", "target test"] for sets in models.values()
     )
-    picks = json.loads((folder / "train" / "selection.json").read_text())
     adapted = [name for name in models if name.startswith("adapted (")]
     assert adapted[0].startswith(f"adapted ({picks['rule']}")  # the configured rule's pick (model.pt) first
     assert sorted(r for name in adapted for r in name[len("adapted (") : -1].split(", ")) == sorted(picks["picks"])
     summary = (evaluation / "summary.md").read_text()
     assert "model selection" in summary and "surface Dice @ 1 mm" in summary and "ixi_hh_simulated_strong" in summary
+    assert f"{with_source_statistics} = `{folder / 'train' / 'model_source_statistics.pt'}`" in summary
     assert (evaluation / "clusters.png").stat().st_size > 10_000
 
 

@@ -143,7 +143,11 @@ def test_leave_one_site_out_pretrain_adapt_evaluate(pretrained):
     header = rows[0]
     assert header[:4] == ["model", "set", "subject", "site"] and "dice" in header and "surface_dice_1mm" not in header
     models = list(dict.fromkeys(r[0] for r in rows[1:]))
-    # source, AdaBN, then each distinct pick of the label-free selection rules
+    # source, AdaBN, each distinct pick of the label-free selection rules, then the configured rule's pick with the
+    # source BatchNorm statistics (model_source_statistics.pt), scored on the source test cases only
+    rule = json.loads((work / "adapt" / "selection.json").read_text())["rule"]
+    assert models[-1] == f"adapted ({rule}) with source statistics"
+    models = models[:-1]
     assert models[:2] == ["source", "adabn"] and len(models) > 2 and all(m.startswith("adapted (") for m in models[2:])
     target_rows = [r for r in rows[1:] if r[1] == "target test"]
     assert (
@@ -151,7 +155,8 @@ def test_leave_one_site_out_pretrain_adapt_evaluate(pretrained):
         and {r[3] for r in target_rows} == {"F"}
         and all(r[2].startswith("F_Case") for r in target_rows)
     )
-    assert len(rows) == 1 + len(models) * 6  # every model x (1 target test case + 5 source test cases)
+    # every model x (1 target test case + 5 source test cases), the source-statistics model x 5 source test cases
+    assert len(rows) == 1 + len(models) * 6 + 5
     summary = (evaluation / "summary.md").read_text()
     assert "source test: site A" in summary and "source test: site E" in summary
     assert (

@@ -226,3 +226,22 @@ def test_evaluation_checkpoints_name_each_distinct_pick_by_its_rules_configured_
         "source": "src.pt",
         "adapted": str(tmp_path / "none" / "model.pt"),
     }
+
+
+def test_source_statistics_model_names_the_configured_rules_pick_and_is_scored_on_named_sets_only(tmp_path):
+    from aiva_monai.bundle import source_statistics_model
+    from aiva_monai.evaluation import run_evaluation
+
+    assert source_statistics_model(tmp_path) == {}  # no model_source_statistics.pt (shared BatchNorm): no entry
+    (tmp_path / "model_source_statistics.pt").write_bytes(b"weights")
+    file = str(tmp_path / "model_source_statistics.pt")
+    assert source_statistics_model(tmp_path) == {
+        "adapted with source statistics": {"file": file, "sets": ["source test"]}
+    }
+    (tmp_path / "selection.json").write_text(json.dumps({"rule": "target_im", "picks": {}}))
+    assert list(source_statistics_model(tmp_path, "aiva")) == ["aiva (target_im) with source statistics"]
+
+    checkpoints = {"source": "src.pt", "with source statistics": {"file": file, "sets": ["source tset"]}}
+    with pytest.raises(ValueError, match=r"'with source statistics': unknown test sets \['source tset'\]"):
+        run_evaluation(torch.nn.Identity(), checkpoints, {"target test": [], "source test": []}, None, tmp_path / "o")
+    assert not (tmp_path / "o").exists()  # refused before any work

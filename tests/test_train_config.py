@@ -142,3 +142,15 @@ def test_trainer_and_source_validator_log_progress_at_the_configured_interval(da
             handler = handler_of(parser.get_parsed_content(f"{engine}#handlers"), "ProgressLogHandler")
             assert handler is not None, f"{config}: {engine} has no ProgressLogHandler"
             assert (handler.name, handler.every_s) == (name, every_s)
+
+
+def test_a_resumed_run_skips_the_starting_adabn_pass(datalist, tmp_path):
+    """The AdaBN pass at the start (``adabn_start``) runs only on a fresh run: a resumed run's checkpoint restores
+    the statistics it would compute (and the source set), so on resume it would be minutes of discarded work at
+    the bundle's geometry."""
+    fresh = parse(datalist, tmp_path / "fresh").get_parsed_content("train#batchnorm")
+    assert fresh.start_loader is not None
+    resumed = parse(datalist, tmp_path / "resumed", resume_from=str(tmp_path / "checkpoint_epoch=2.pt"))
+    assert resumed.get_parsed_content("train#batchnorm").start_loader is None
+    off = parse(datalist, tmp_path / "off", adabn_start=False).get_parsed_content("train#batchnorm")
+    assert off.start_loader is None

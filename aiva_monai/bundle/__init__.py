@@ -9,6 +9,7 @@ from aiva_monai.bundle.checkpoints import (
     latest_checkpoint,
     require_file,
     save_weights,
+    source_statistics_model,
     write_method_card,
 )
 from aiva_monai.bundle.configs import handler_of, present
@@ -58,4 +59,5 @@ __all__ = [
     "write_method_card",
     "adabn_checkpoint",
     "evaluation_checkpoints",
+    "source_statistics_model",
 ]

@@ -14,6 +14,7 @@ __all__ = [
     "copy_weights",
     "adabn_checkpoint",
     "evaluation_checkpoints",
+    "source_statistics_model",
     "write_method_card",
 ]
 
@@ -95,6 +96,22 @@ def evaluation_checkpoints(output_dir, source_checkpoint, adabn=None, method: st
         rules = sorted(by_file[file], key=lambda rule: rule != content["rule"])  # the configured rule first in its name
         found[f"{method} ({', '.join(rules)})"] = str(Path(output_dir) / file)
     return found
+
+
+def source_statistics_model(output_dir, method: str = "adapted", sets=("source test",), model_file="model.pt") -> dict:
+    """{name: {"file", "sets"}} (a ``run_evaluation`` checkpoint) of the run's adapted model with the SOURCE BatchNorm
+    statistics (the selection handler's copy of ``model_file``, e.g. ``model_source_statistics.pt``; written with
+    per-site BatchNorm), named ``"<method> (<configured rule>) with source statistics"``, to be scored on ``sets``
+    only: it is a model for the source site's scans. Empty when the run has no such file."""
+    from aiva_monai.checkpoint_selection import source_statistics_file
+
+    path = Path(source_statistics_file(str(Path(output_dir) / model_file)))
+    if not path.is_file():
+        return {}
+    selection = Path(output_dir) / "selection.json"
+    rule = json.loads(selection.read_text())["rule"] if selection.is_file() else None
+    name = f"{method} ({rule}) with source statistics" if rule else f"{method} with source statistics"
+    return {name: {"file": str(path), "sets": list(sets)}}
 
 
 def write_method_card(
