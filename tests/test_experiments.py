@@ -472,6 +472,45 @@ def test_bundle_cell_runner_takes_the_bundles_from_any_folder(tmp_path, monkeypa
     assert overrides["dataset_dir"] == str(tmp_path / "data") and overrides["datalist"] == str(tmp_path / "d.json")
 
 
+def test_bundle_cell_runner_records_the_source_statistics_model_on_the_source_test_set(tmp_path):
+    """An AIVA cell whose run wrote model_source_statistics.pt: the evaluation gets it (source test only) and the
+    result keeps its per-volume scores apart from the target-site model's. The bundle runs are replaced by a fake
+    that writes what train.json and evaluate.json would."""
+    runner = BundleCellRunner(PRESETS["ixi-sim"], tmp_path / "out", dataset_dir="/data", source_checkpoint="/s.pt")
+    cell = grid("ixi-sim", methods=("aiva",), steps=10)[0]
+    run_dir = tmp_path / "out" / "runs" / "cell"
+    evaluated = {}
+
+    def fake_bundle(configs, overrides, log_file):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if configs[-1].name != "evaluate.json":  # training
+            (run_dir / "method.json").write_text(
+                json.dumps({"selection_rule": "label-free", "reads_target_labels": False, "selection": "last"})
+            )
+            picks = {"last": {"file": "selection/epoch_0002.pt"}, "target_im": {"file": "selection/epoch_0001.pt"}}
+            (run_dir / "selection.json").write_text(json.dumps({"rule": "last", "picks": picks}))
+            (run_dir / "selection.csv").write_text("epoch,file\n1,selection/epoch_0001.pt\n")
+            (run_dir / "model_source_statistics.pt").write_bytes(b"weights")
+            return
+        evaluated.update(overrides["eval_checkpoints"])
+        rows = ["model,set,subject,dice"]
+        for name, entry in overrides["eval_checkpoints"].items():
+            sets = entry["sets"] if isinstance(entry, dict) else ["target test", "source test"]
+            rows += [f"{name},{s},{s[0]}1,{0.5 if 'statistics' in name else 0.9}" for s in sets]
+        (run_dir / "evaluation").mkdir(exist_ok=True)
+        (run_dir / "evaluation" / "evaluation.csv").write_text("\n".join(rows) + "\n")
+
+    runner._run_bundle = fake_bundle
+    result = runner(cell, run_dir, progress=lambda message: None)
+    assert evaluated["aiva (last) with source statistics"] == {
+        "file": str(run_dir / "model_source_statistics.pt"),
+        "sets": ["source test"],
+    }
+    assert result["source_statistics_volumes"] == [{"subject": "s1", "set": "source test", "site": "", "dice": 0.5}]
+    assert {v["set"] for v in result["volumes"]} == {"target test", "source test"}
+    assert all(v["dice"] == 0.9 for v in result["volumes"])
+
+
 def test_per_seed_table_shows_every_seed_and_the_margin_over_adabn():
     records = [
         _record("source", "C", 0, [0.5, 0.7]),

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aiva_monai.bundle import REPOSITORY
+from aiva_monai.bundle import REPOSITORY, source_statistics_model
 from aiva_monai.experiments.grid import AIVA_METHODS, Cell, Preset
 from aiva_monai.methods import reads_target_labels
 
@@ -268,6 +268,9 @@ class BundleCellRunner:
         else:
             checkpoints[cell.method] = model
             main_name = cell.method
+        # the pick with the source BatchNorm statistics (per-site BatchNorm), on the source test volumes only
+        for_source = source_statistics_model(run_dir, cell.method, ["source test"])
+        checkpoints.update(for_source)
         marker = " (READS TARGET LABELS: target-supervised upper bound)" if reads_target_labels(cell.method) else ""
         evaluation = {
             **overrides,
@@ -309,6 +312,8 @@ class BundleCellRunner:
             if figure and (run_dir / "evaluation" / "clusters.png").is_file()
             else {},
         }
+        if for_source:
+            result["source_statistics_volumes"] = volumes_of(next(iter(for_source)))
         if picks:
             result["selection"] = card.get("selection")
             result["rule_volumes"] = {rule: volumes_of(names[file]) for rule, file in picks.items()}
