@@ -240,6 +240,13 @@ def test_source_statistics_model_names_the_configured_rules_pick_and_is_scored_o
     }
     (tmp_path / "selection.json").write_text(json.dumps({"rule": "target_im", "picks": {}}))
     assert list(source_statistics_model(tmp_path, "aiva")) == ["aiva (target_im) with source statistics"]
+    # a handler configured with another model_filename: its selection.json names it
+    (tmp_path / "selection.json").write_text(json.dumps({"rule": "last", "model": "best.pt", "picks": {}}))
+    assert source_statistics_model(tmp_path) == {}
+    (tmp_path / "best_source_statistics.pt").write_bytes(b"weights")
+    assert source_statistics_model(tmp_path)["adapted (last) with source statistics"]["file"] == str(
+        tmp_path / "best_source_statistics.pt"
+    )
 
     checkpoints = {"source": "src.pt", "with source statistics": {"file": file, "sets": ["source tset"]}}
     with pytest.raises(ValueError, match=r"'with source statistics': unknown test sets \['source tset'\]"):

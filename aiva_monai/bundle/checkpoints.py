@@ -105,11 +105,13 @@ def source_statistics_model(output_dir, method: str = "adapted", sets=("source t
     only: it is a model for the source site's scans. Empty when the run has no such file."""
     from aiva_monai.checkpoint_selection import source_statistics_file
 
+    selection = Path(output_dir) / "selection.json"
+    content = json.loads(selection.read_text()) if selection.is_file() else {}
+    model_file = content.get("model", model_file)  # the selection handler's own name for the pick, when it wrote one
     path = Path(source_statistics_file(str(Path(output_dir) / model_file)))
     if not path.is_file():
         return {}
-    selection = Path(output_dir) / "selection.json"
-    rule = json.loads(selection.read_text())["rule"] if selection.is_file() else None
+    rule = content.get("rule")
     name = f"{method} ({rule}) with source statistics" if rule else f"{method} with source statistics"
     return {name: {"file": str(path), "sets": list(sets)}}
 
