@@ -2,7 +2,7 @@
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.8"
 
 _SUBMODULES = (
     "alignment",

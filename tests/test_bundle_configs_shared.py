@@ -181,3 +181,12 @@ def test_the_demo_switch_picks_one_preset(bundle, name, tmp_path):
         parser = ConfigParser(copy.deepcopy(config))
         parser.update({**paths, "max_steps": 7})
         assert parser.get_parsed_content("max_steps") == 7
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_the_bundle_requires_the_library_version_it_ships_with(bundle):
+    """The configs call ``aiva_monai`` helpers that older releases lack: metadata.json names this version."""
+    import aiva_monai
+
+    metadata = json.loads((CONFIGS / bundle / "configs" / "metadata.json").read_text())
+    assert metadata["required_packages_version"]["aiva-monai"] == aiva_monai.__version__
