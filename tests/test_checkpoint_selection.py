@@ -228,7 +228,9 @@ def test_evaluation_checkpoints_name_each_distinct_pick_by_its_rules_configured_
     }
 
 
-def test_source_statistics_model_names_the_configured_rules_pick_and_is_scored_on_named_sets_only(tmp_path):
+def test_source_statistics_model_names_the_configured_rules_pick_and_unknown_set_names_are_refused(tmp_path):
+    """Which sets such a checkpoint is scored on is checked end to end by the bundle evaluation tests
+    (tests/test_bundle_brain.py, tests/test_bundle_prostate.py); here: its name, its file and the refusal of a typo."""
     from aiva_monai.bundle import source_statistics_model
     from aiva_monai.evaluation import run_evaluation
 
