@@ -92,3 +92,38 @@ def test_log_silences_finds_the_longest_wait_and_what_came_before(tmp_path):
     empty = tmp_path / "empty.log"
     empty.write_text("no timestamps\n")
     assert _run(["benchmarks/log_silences.py", str(empty)]).returncode == 1
+
+
+def test_run_share_pairs_each_round_with_the_training_epoch_after_it(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    header = "epoch,n_source,n_target,time_embed,time_pca,time_tsne,time_kmeans,time_match,time_means\n"
+    (run / "clustering_stats.csv").write_text(header + "1,700,100,50,1,30,0,0,9\n" + "2,700,100,60,0,15,0,0,2\n")
+    (run / "train.log").write_text(
+        "2026-12-03 10:00:00,000 - progress - INFO - training epoch 1/2 started: 250 iterations\n"
+        "2026-12-03 10:04:10,000 - progress - INFO - training epoch 1/2: 250/250 iterations, 250 s elapsed, done\n"
+        "2026-12-03 10:04:20,000 - aiva_monai.progress - INFO - source validation: 5/5 iterations, 10 s elapsed, done\n"
+        "Loading: 50%\r2026-12-03 10:06:00,000 - progress - INFO - training epoch 2/2 started: 250 iterations\n"
+        "2026-12-03 10:08:00,000 - progress - INFO - training epoch 2/2: 100/250 iterations, 120 s elapsed\n"
+        "2026-12-03 10:11:00,000 - progress - INFO - training epoch 2/2: 250/250 iterations, 300 s elapsed, done\n"
+    )
+    out = tmp_path / "share.csv"
+    result = _run(["benchmarks/run_share.py", str(run), "--csv", str(out)])
+    assert result.returncode == 0, result.stderr
+    # round 2: 60 + 15 + 2 = 77 s; its epoch: 300 s / 250 steps = 1.2 s per step; 77 / (77 + 1,200) = 6.03 %
+    assert "| run | 2 | 800 | 60.0 | 15.0 | 2.0 | 77.0 | 300 / 250 | 1.200 | 6.0 % |" in result.stdout
+    # round 1: 90 s; 250 s / 250 = 1 s per step; 90 / 1,090 = 8.26 %, marked as the round before any step
+    assert (
+        "| run | 1 (first: before any step) | 800 | 50.0 | 30.0 | 9.0 | 90.0 | 250 / 250 | 1.000 | 8.3 % |"
+        in result.stdout
+    )
+    assert "rounds after the first: 1; share median 6.0 %" in result.stdout
+    rows = out.read_text().splitlines()
+    assert len(rows) == 3 and abs(float(rows[2].split(",")[-1]) - 77 / 1277) < 1e-12
+    assert "at a round per 500 steps" in _run(["benchmarks/run_share.py", str(run), "--steps-per-round", "500"]).stdout
+
+    (run / "train.log").write_text("2026-12-03 10:00:00,000 - INFO - an old log without progress lines\n")
+    old = _run(["benchmarks/run_share.py", str(run)])
+    assert old.returncode == 1 and "logs of bundles before 0.2.6" in old.stderr
+    missing = _run(["benchmarks/run_share.py", str(tmp_path / "nothing")])
+    assert missing.returncode == 1 and "train.log: not found" in missing.stderr
