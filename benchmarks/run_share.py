@@ -86,7 +86,6 @@ def run_rows(run_dir: Path, steps_per_round: int) -> list[dict]:
         per_step = train_s / steps
         rows.append(
             {
-                "run": run_dir.name,
                 "round": epoch,
                 "first": epoch == min(rounds),
                 "slices": rounds[epoch]["slices"],
@@ -108,9 +107,10 @@ def main(argv=None) -> int:
     parser.add_argument("--csv", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
     rows, failed = [], False
-    for run_dir in args.runs:
+    for number, run_dir in enumerate(args.runs, 1):
         try:
-            rows += run_rows(run_dir, args.steps_per_round)
+            found = run_rows(run_dir, args.steps_per_round)
+            rows += [{"run": number, "run_dir": str(run_dir), **row} for row in found]
         except (OSError, ValueError, KeyError) as error:
             print(f"error: {error}", file=sys.stderr)
             failed = True
@@ -127,10 +127,11 @@ def main(argv=None) -> int:
             f"| {row['means_s']:.1f} | {row['round_s']:.1f} | {row['train_s']:.0f} / {row['steps']} "
             f"| {row['s_per_step']:.3f} | {100 * row['share']:.1f} % |"
         )
+    print("\nruns: " + "; ".join(f"{number} = {run_dir}" for number, run_dir in enumerate(args.runs, 1)))
     later = [row["share"] for row in rows if not row["first"]]
     if later:
         print(
-            f"\nrounds after the first: {len(later)}; share median {100 * statistics.median(later):.1f} %, "
+            f"rounds after the first: {len(later)}; share median {100 * statistics.median(later):.1f} %, "
             f"range {100 * min(later):.1f}-{100 * max(later):.1f} %"
         )
     if args.csv and rows:

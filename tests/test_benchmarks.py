@@ -4,6 +4,7 @@ they run and what they report is checked; their timings are not."""
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import os
@@ -111,15 +112,17 @@ def test_run_share_pairs_each_round_with_the_training_epoch_after_it(tmp_path):
     result = _run(["benchmarks/run_share.py", str(run), "--csv", str(out)])
     assert result.returncode == 0, result.stderr
     # round 2: 60 + 15 + 2 = 77 s; its epoch: 300 s / 250 steps = 1.2 s per step; 77 / (77 + 1,200) = 6.03 %
-    assert "| run | 2 | 800 | 60.0 | 15.0 | 2.0 | 77.0 | 300 / 250 | 1.200 | 6.0 % |" in result.stdout
+    assert "| 1 | 2 | 800 | 60.0 | 15.0 | 2.0 | 77.0 | 300 / 250 | 1.200 | 6.0 % |" in result.stdout
     # round 1: 90 s; 250 s / 250 = 1 s per step; 90 / 1,090 = 8.26 %, marked as the round before any step
     assert (
-        "| run | 1 (first: before any step) | 800 | 50.0 | 30.0 | 9.0 | 90.0 | 250 / 250 | 1.000 | 8.3 % |"
+        "| 1 | 1 (first: before any step) | 800 | 50.0 | 30.0 | 9.0 | 90.0 | 250 / 250 | 1.000 | 8.3 % |"
         in result.stdout
     )
     assert "rounds after the first: 1; share median 6.0 %" in result.stdout
-    rows = out.read_text().splitlines()
-    assert len(rows) == 3 and abs(float(rows[2].split(",")[-1]) - 77 / 1277) < 1e-12
+    assert f"runs: 1 = {run}" in result.stdout
+    rows = list(csv.DictReader(out.open()))
+    assert [row["round"] for row in rows] == ["1", "2"] and rows[1]["run_dir"] == str(run)
+    assert abs(float(rows[1]["share"]) - 77 / 1277) < 1e-12
     assert "at a round per 500 steps" in _run(["benchmarks/run_share.py", str(run), "--steps-per-round", "500"]).stdout
 
     (run / "train.log").write_text("2026-12-03 10:00:00,000 - INFO - an old log without progress lines\n")
