@@ -5,7 +5,8 @@
 A run folder of ``train.json`` (or of ``aiva_monai.experiments run``) holds ``train.log`` and
 ``clustering_stats.csv``. For every clustering round E this prints the round's seconds per stage (from the
 CSV, which the handler writes as it runs), the seconds the training epoch that follows it took (from the
-log's ``training epoch E/N started`` and ``training epoch E/N: T/T iterations ... done`` lines, so
+log's ``training epoch E/N started`` and ``training epoch E/N: T/T iterations ... done`` lines, ``training
+started`` and ``training: T/T ...`` in a one-epoch run, so
 validation and checkpoint scoring are not counted as training), the seconds per step, and the share of
 AIVA's wall time the round would take at the given schedule (a round every ``--steps-per-round`` steps):
 
@@ -28,8 +29,9 @@ import sys
 from pathlib import Path
 
 STAMP = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) - ")
-STARTED = re.compile(r"training epoch (\d+)/(\d+) started: (\d+) iterations")
-DONE = re.compile(r"training epoch (\d+)/(\d+): (\d+)/(\d+) iterations, .* done")
+# a one-epoch run's lines say "training started" / "training: T/T iterations" (no "epoch 1/1")
+STARTED = re.compile(r"INFO - training(?: epoch (\d+)/\d+)? started: (\d+) iterations")
+DONE = re.compile(r"INFO - training(?: epoch (\d+)/\d+)?: (\d+)/\d+ iterations, .* done")
 STAGES = ("embed", "pca", "tsne", "kmeans", "match", "means")
 
 
@@ -50,10 +52,10 @@ def training_epochs(log: Path) -> dict[int, tuple[float, int]]:
         if when is None:
             continue
         if match := STARTED.search(line):
-            started[int(match.group(1))] = when
-        elif (match := DONE.search(line)) and int(match.group(1)) in started:
-            epoch = int(match.group(1))
-            epochs[epoch] = ((when - started[epoch]).total_seconds(), int(match.group(3)))
+            started[int(match.group(1) or 1)] = when
+        elif (match := DONE.search(line)) and int(match.group(1) or 1) in started:
+            epoch = int(match.group(1) or 1)
+            epochs[epoch] = ((when - started[epoch]).total_seconds(), int(match.group(2)))
     return epochs
 
 

@@ -125,6 +125,16 @@ def test_run_share_pairs_each_round_with_the_training_epoch_after_it(tmp_path):
     assert abs(float(rows[1]["share"]) - 77 / 1277) < 1e-12
     assert "at a round per 500 steps" in _run(["benchmarks/run_share.py", str(run), "--steps-per-round", "500"]).stdout
 
+    one_epoch = tmp_path / "one_epoch"  # max_epochs 1: the lines say "training", not "training epoch 1/1"
+    one_epoch.mkdir()
+    (one_epoch / "clustering_stats.csv").write_text(header + "1,700,100,50,1,30,0,0,9\n")
+    (one_epoch / "train.log").write_text(
+        "2026-12-03 10:00:00,000 - progress - INFO - training started: 100 iterations\n"
+        "2026-12-03 10:03:20,000 - progress - INFO - training: 100/100 iterations, 200 s elapsed, done\n"
+    )
+    single = _run(["benchmarks/run_share.py", str(one_epoch)])  # 90 / (90 + 1,000 x 2) = 4.3 %
+    assert single.returncode == 0 and "| 90.0 | 200 / 100 | 2.000 | 4.3 % |" in single.stdout, single.stdout
+
     (run / "train.log").write_text("2026-12-03 10:00:00,000 - INFO - an old log without progress lines\n")
     old = _run(["benchmarks/run_share.py", str(run)])
     assert old.returncode == 1 and "logs of bundles before 0.2.6" in old.stderr
