@@ -28,29 +28,20 @@ import statistics
 import sys
 from pathlib import Path
 
-STAMP = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) - ")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from log_silences import timestamped_lines  # noqa: E402  (a sibling script: the log's timestamped records)
+
 # a one-epoch run's lines say "training started" / "training: T/T iterations" (no "epoch 1/1")
 STARTED = re.compile(r"INFO - training(?: epoch (\d+)/\d+)? started: (\d+) iterations")
 DONE = re.compile(r"INFO - training(?: epoch (\d+)/\d+)?: (\d+)/\d+ iterations, .* done")
 STAGES = ("embed", "pca", "tsne", "kmeans", "match", "means")
 
 
-def _when(line: str) -> datetime.datetime | None:
-    match = STAMP.search(line)
-    if match is None:
-        return None
-    when = datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S")
-    return when + datetime.timedelta(milliseconds=int(match.group(2)))
-
-
 def training_epochs(log: Path) -> dict[int, tuple[float, int]]:
     """{epoch: (training seconds, iterations)} from a run's log; a resumed run's last complete try wins."""
     started: dict[int, datetime.datetime] = {}
     epochs: dict[int, tuple[float, int]] = {}
-    for line in log.read_text(errors="replace").splitlines():
-        when = _when(line)
-        if when is None:
-            continue
+    for when, line in timestamped_lines(log):
         if match := STARTED.search(line):
             started[int(match.group(1) or 1)] = when
         elif (match := DONE.search(line)) and int(match.group(1) or 1) in started:
