@@ -2,12 +2,32 @@
 
 import numpy as np
 import torch
+from monai.bundle import run
 from monai.data import DataLoader
 
 from aiva_monai.engines import AIVATrainer
 from aiva_monai.handlers import AIVAClusteringHandler
 from aiva_monai.losses import AIVALoss
 from aiva_monai.networks import PreActResUNet
+
+
+class RefusesLabels(dict):
+    """A batch that raises on any access to its label: the guard of the target stream in tests."""
+
+    def __getitem__(self, key):
+        if key == "label":
+            raise AssertionError("a target label was read")
+        return super().__getitem__(key)
+
+
+class GuardedLoader:
+    """A loader whose batches raise on any access to their label."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        return (RefusesLabels(batch) for batch in self.loader)
 
 
 def synthetic_site(n, size=16, contrast=1.0, seed=0):
@@ -80,3 +100,20 @@ def make_trainer(
     )
     handler.attach(trainer)
     return trainer, handler
+
+
+def run_tiny_adaptation(configs, common, output, datalist=None, **extra):
+    """A bundle's ``train.json`` (``configs``: its configs folder) as a tiny run: a clustering round every 2 steps,
+    k = 3, scikit-learn's t-SNE; ``common`` and ``extra`` are further overrides. Returns the overrides it ran with."""
+    overrides = {
+        **common,
+        **extra,
+        "cluster_every": 2,
+        "n_clusters": 3,
+        "cluster_options#tsne_method": "sklearn",
+        "output_dir": str(output),
+    }
+    if datalist:
+        overrides["datalist"] = str(datalist)
+    run(config_file=str(configs / "train.json"), **overrides)
+    return overrides

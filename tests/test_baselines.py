@@ -19,7 +19,7 @@ from aiva_monai.engines import AdaptSegNetTrainer, OracleTrainer, OutputDiscrimi
 from aiva_monai.jdot import jdot_plan, segjdot_loss
 from aiva_monai.methods import METHODS, reads_target_labels
 from aiva_monai.networks import PreActResUNet
-from tests.helpers import synthetic_site
+from tests.helpers import GuardedLoader, synthetic_site
 
 BUNDLE_CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "aiva_brain" / "configs"
 
@@ -32,23 +32,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-class RefusesLabels(dict):
-    def __getitem__(self, key):
-        if key == "label":
-            raise AssertionError("a target label was read")
-        return super().__getitem__(key)
-
-
-class GuardedLoader:
-    """A loader whose batches raise on any access to their label."""
-
-    def __init__(self, loader):
-        self.loader = loader
-
-    def __iter__(self):
-        return (RefusesLabels(batch) for batch in self.loader)
 
 
 def snapshot(module):

@@ -18,6 +18,7 @@ from scipy.spatial.transform import Rotation
 from aiva_monai.bundle import verify_metadata
 from aiva_monai.inference import read_scan
 from aiva_monai.networks import PreActResUNet
+from tests.helpers import run_tiny_adaptation
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "aiva_brain"
 CONFIGS = BUNDLE / "configs"
@@ -85,18 +86,8 @@ def ixi_tiny(ixi_root, tmp_path_factory):
 
 
 def adapt(folder, common, output, datalist=None):
-    overrides = {
-        **common,
-        "source_checkpoint": str(folder / "pretrain" / "model.pt"),
-        "cluster_every": 2,
-        "n_clusters": 3,
-        "cluster_options#tsne_method": "sklearn",
-        "output_dir": str(output),
-    }
-    if datalist:
-        overrides["datalist"] = str(datalist)
-    run(config_file=str(CONFIGS / "train.json"), **overrides)
-    return overrides
+    source_checkpoint = str(folder / "pretrain" / "model.pt")
+    return run_tiny_adaptation(CONFIGS, common, output, datalist, source_checkpoint=source_checkpoint)
 
 
 def test_pretrain_adapt_evaluate_through_monai_bundle(ixi_tiny):

@@ -15,6 +15,7 @@ from monai.bundle import ConfigWorkflow, run
 from aiva_monai.bundle import verify_metadata
 from aiva_monai.data.prostate import make_prostate_demo
 from aiva_monai.networks import PreActResUNet
+from tests.helpers import run_tiny_adaptation
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "aiva_prostate"
 CONFIGS = BUNDLE / "configs"
@@ -107,17 +108,7 @@ def pretrained(release, tmp_path_factory):
 
 
 def adapt(work, common, output, datalist=None):
-    overrides = {
-        **common,
-        "cluster_every": 2,
-        "n_clusters": 3,
-        "cluster_options#tsne_method": "sklearn",
-        "output_dir": str(output),
-    }
-    if datalist:
-        overrides["datalist"] = str(datalist)
-    run(config_file=str(CONFIGS / "train.json"), **overrides)
-    return overrides
+    return run_tiny_adaptation(CONFIGS, common, output, datalist)
 
 
 def test_leave_one_site_out_pretrain_adapt_evaluate(pretrained):

@@ -11,16 +11,10 @@ from ignite.engine import Engine
 from aiva_monai.batchnorm import AdaptationBatchNorm, batchnorm_layers
 from aiva_monai.checkpoint_selection import CheckpointSelectionHandler, TargetScoring, target_scores
 from aiva_monai.networks import PreActResUNet
+from tests.helpers import RefusesLabels
 
 # the source validation Dice the fake validator reports at epochs 1..4
 SOURCE_DICE = {1: 0.95, 2: 0.97, 3: 0.90, 4: 0.93}
-
-
-class NoLabels(dict):
-    def __getitem__(self, key):
-        if key == "label":
-            raise AssertionError("a target label was read")
-        return super().__getitem__(key)
 
 
 class TargetSlices(torch.utils.data.Dataset):
@@ -32,7 +26,7 @@ class TargetSlices(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, index):
-        return NoLabels(image=self.images[index], label=torch.zeros(1, 16, 16))
+        return RefusesLabels(image=self.images[index], label=torch.zeros(1, 16, 16))
 
 
 def make_validator():

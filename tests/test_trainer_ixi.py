@@ -9,7 +9,7 @@ from monai.transforms import AdjustContrastd, Compose
 from monai.utils import set_determinism
 
 from aiva_monai.data import SliceDataset, ixi_datalist, volume_transforms
-from tests.helpers import make_trainer
+from tests.helpers import GuardedLoader, make_trainer
 
 
 @pytest.fixture(scope="module")
@@ -21,21 +21,6 @@ def ixi_sites(ixi_root):
     target_with_labels = SliceDataset(datalist[2:4], simulated, progress=False)
     target_without_labels = SliceDataset(datalist[2:4], simulated, keys=("image",), progress=False)
     return source, target_with_labels, target_without_labels
-
-
-class RefusesLabels(dict):
-    def __getitem__(self, key):
-        if key == "label":
-            raise AssertionError("the trainer read a target label")
-        return super().__getitem__(key)
-
-
-class GuardedLoader:
-    def __init__(self, loader):
-        self.loader = loader
-
-    def __iter__(self):
-        return (RefusesLabels(batch) for batch in self.loader)
 
 
 def run(source, target, guard=False):
