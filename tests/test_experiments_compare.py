@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from aiva_monai.experiments import compare_table, load_conditions, main, setting_differences
+from aiva_monai.experiments import candidate_table, compare_table, load_conditions, main, setting_differences
 from tests.test_experiments import _record
 
 
@@ -104,3 +104,46 @@ def test_compare_reads_the_baselines_from_their_own_folder(two_conditions, capsy
     )
     assert main(["compare", *specs, "--metrics", "dice"]) == 0  # without them: the columns are empty
     assert "| C | 1 | - | - | 80.00 | 78.00 | 50.00 | 54.00 | -2.00 | +4.00 | - | - |" in capsys.readouterr().out
+
+
+def _with_candidates(seed, by_step, picks):
+    """An aiva record whose candidates (step -> target test dice of both volumes) were picked by ``picks``
+    (step -> rules); the default rule's volumes are its pick's."""
+    vol = lambda v: [{"subject": f"s{i}", "set": "target test", "dice": v} for i in range(2)]  # noqa: E731
+    by_rule = {rule: step for step, rules in picks.items() for rule in rules}
+    record = _aiva(seed, [by_step[by_rule["target_agreement"]]] * 2, [0.0])
+    record["rule_volumes"] = {rule: vol(by_step[step]) for rule, step in by_rule.items()}
+    record["selection_table"] = [
+        {"epoch": str(i + 1), "iteration": str(step), "picked_by": " ".join(picks.get(step, []))}
+        for i, step in enumerate(sorted(by_step))
+    ]
+    return record
+
+
+def test_candidate_table_shows_each_evaluated_step_against_adabn(tmp_path):
+    adabn = [_record("adabn", "C", 0, [0.6, 0.6]), _record("adabn", "C", 1, [0.7, 0.7])]
+    runs = [
+        # seed 0: every candidate picked by some rule; seed 1: step 200 picked by none, so never evaluated
+        _with_candidates(
+            0, {100: 0.65, 200: 0.62, 300: 0.55}, {100: ["target_im"], 200: ["target_agreement"], 300: ["last"]}
+        ),
+        _with_candidates(1, {100: 0.74, 200: 0.9, 300: 0.68}, {100: ["target_im"], 300: ["target_agreement", "last"]}),
+    ]
+    markdown, rows = candidate_table({"aiva": runs}, "dice", baselines=adabn)
+    # hand-computed, minus AdaBN (60, 70): seed 0 +5, +2, -5; seed 1 +4, -, -2; step 100: mean 4.5, sd 0.71
+    assert markdown.splitlines() == [
+        "| condition | target | seed | adabn | step 100 - adabn | step 200 - adabn | step 300 - adabn |",
+        "|---|---|---|---|---|---|---|",
+        "| aiva | C | 0 | 60.00 | +5.00 | +2.00 | -5.00 |",
+        "| aiva | C | 1 | 70.00 | +4.00 | - | -2.00 |",
+        "| aiva | mean +/- sd (seeds above) |  |  | +4.50 +/- 0.71 (2/2) | +2.00 (1/1) | -3.50 +/- 2.12 (0/2) |",
+    ]
+    assert rows[1]["step 200 - adabn"] is None and rows[0]["adabn"] == 60.0
+    with pytest.raises(ValueError, match="no aiva record holds an evaluated candidate"):
+        candidate_table({"aiva": [_aiva(0, [0.7], [0.6])]}, "dice", baselines=adabn)
+    # the compare command adds the table (and its CSV) when the records have candidates
+    _write(tmp_path / "runs", adabn + runs)
+    out = tmp_path / "comparison"
+    assert main(["compare", f"aiva={tmp_path / 'runs'}", "--metrics", "dice", "--out", str(out)]) == 0
+    assert "### Dice: each evaluated candidate minus adabn, by training step" in (out / "compare.md").read_text()
+    assert (out / "compare_steps_dice.csv").read_text().splitlines()[2] == "aiva,C,1,70.0,4.0,,-2.0"

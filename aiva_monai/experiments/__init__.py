@@ -31,7 +31,13 @@ resumable), ``report`` (tables), ``compare`` (conditions side by side), ``figure
 """
 
 from aiva_monai.experiments.cli import main, subset_datalist
-from aiva_monai.experiments.compare import compare_table, load_conditions, setting_differences, write_comparison
+from aiva_monai.experiments.compare import (
+    candidate_table,
+    compare_table,
+    load_conditions,
+    setting_differences,
+    write_comparison,
+)
 from aiva_monai.experiments.figures import k_figure, qualitative_figure
 from aiva_monai.experiments.grid import (
     AIVA_METHODS,
@@ -62,6 +68,7 @@ __all__ = [
     "Cell",
     "Preset",
     "ResultsFile",
+    "candidate_table",
     "cc359_pairs",
     "compare_table",
     "git_commit",

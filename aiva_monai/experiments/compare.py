@@ -13,7 +13,7 @@ import numpy as np
 from aiva_monai.experiments.store import METRIC_TITLES, RESULTS_NAME, ResultsFile, row_label, target_mean, write_csv
 from aiva_monai.methods import reads_target_labels
 
-__all__ = ["load_conditions", "compare_table", "setting_differences", "write_comparison"]
+__all__ = ["load_conditions", "compare_table", "candidate_table", "setting_differences", "write_comparison"]
 
 
 def _results_files(pattern: str) -> list[Path]:
@@ -147,6 +147,58 @@ def compare_table(
     return "\n".join(lines), rows
 
 
+def _candidates(record: dict, metric: str) -> dict[int, float]:
+    """{training step: ``metric`` on the target test volumes} of every candidate checkpoint of ``record`` that was
+    evaluated, i.e. that some label-free rule picked (the selection handler deletes the others)."""
+    values = {}
+    for row in record.get("selection_table", []):
+        rules = str(row.get("picked_by") or "").split()
+        scored = [v for rule in rules if (v := _value(record, metric, rule)) is not None]
+        if scored:
+            values[int(row["iteration"])] = scored[0]
+    return values
+
+
+def candidate_table(
+    conditions: dict[str, list[dict]],
+    metric: str,
+    method: str = "aiva",
+    bar: str = "adabn",
+    k: int | None = None,
+    baselines: Sequence[dict] = (),
+) -> tuple[str, list[dict]]:
+    """Each evaluated candidate checkpoint of ``method`` by training step: ``metric`` (%) minus ``bar``'s on the
+    same target and seed, one row per (condition, target, seed), then per condition a row of mean +/- sd and how
+    many seeds are above ``bar``. Shows where in a run the gain is made or lost, which the rules' picks hide.
+    A candidate no rule picked was not evaluated ("-"). Returns (markdown, csv rows)."""
+    pools = [*conditions.values(), list(baselines)]
+    bar_cells = [_by_cell(records, bar, None) for records in pools]
+    runs = []
+    for name, records in conditions.items():
+        for key, record in sorted(_by_cell(records, method, k).items()):
+            runs.append((name, key, _shared_value(bar_cells, bar, key, metric), _candidates(record, metric)))
+    steps = sorted({step for *_, values in runs for step in values})
+    if not steps:
+        raise ValueError(f"no {method} record holds an evaluated candidate (selection_table with its picks).")
+    header = ["condition", "target", "seed", bar, *(f"step {s} - {bar}" for s in steps)]
+    rows = []
+    for name, key, bar_value, values in runs:
+        row = {"condition": name, "target": key[0], "seed": key[1], bar: bar_value}
+        row.update({f"step {s} - {bar}": _minus(values.get(s), bar_value) for s in steps})
+        rows.append({c: (round(100 * v, 2) + 0.0 if isinstance(v, float) else v) for c, v in row.items()})
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in conditions:
+        mine = [row for row in rows if row["condition"] == name]
+        lines += ["| " + " | ".join(_cell(row[c], signed=" - " in c) for c in header) + " |" for row in mine]
+        summary = [name, "mean +/- sd (seeds above)", "", ""]
+        for column in header[4:]:
+            values = [row[column] for row in mine if row[column] is not None]
+            above = f" ({sum(v > 0 for v in values)}/{len(values)})" if values else ""
+            summary.append(_mean_sd(values) + above)
+        lines.append("| " + " | ".join(summary) + " |")
+    return "\n".join(lines), rows
+
+
 def setting_differences(conditions: dict[str, list[dict]]) -> dict[str, dict[str, str]]:
     """{override key: {condition: value}} for the bundle overrides (and the code commit) that differ between the
     conditions; paths (values with a "/") are left out, as every folder has its own."""
@@ -198,6 +250,9 @@ def write_comparison(
         parts.append(markdown)
         if any("oracle*" in row for row in tables[metric]):
             parts += ["", "\\* reads target labels (target-supervised upper bound)."]
+        if any(r.get("method") == method and r.get("selection_table") for rs in conditions.values() for r in rs):
+            markdown, tables[f"steps_{metric}"] = candidate_table(conditions, metric, method, bar, baselines=extra)
+            parts += ["", f"### {title}: each evaluated candidate minus {bar}, by training step", "", markdown]
     text = "\n".join(parts) + "\n"
     if out is not None:
         out = Path(out)
