@@ -86,6 +86,15 @@ def _cell(value, signed: bool) -> str:
     return str(value)
 
 
+def _percent(row: dict) -> dict:
+    # fractions -> percent, 2 decimals (+ 0.0: no -0.0 in the tables)
+    return {c: (round(100 * v, 2) + 0.0 if isinstance(v, float) else v) for c, v in row.items()}
+
+
+def _markdown_row(cells) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
 def _mean_sd(values: list[float]) -> str:
     if not values:
         return "-"
@@ -132,10 +141,10 @@ def compare_table(
             {f"{n} - {names[0]}, {r}": _minus(values[(n, r)], values[(names[0], r)]) for r in rules for n in names[1:]}
         )
         row.update({f"{n} - {bar}, {rules[0]}": _minus(values[(n, rules[0])], shared[bar]) for n in names})
-        rows.append({c: (round(100 * v, 2) + 0.0 if isinstance(v, float) else v) for c, v in row.items()})  # no -0.0
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        rows.append(_percent(row))
+    lines = [_markdown_row(header), "|" + "---|" * len(header)]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(row[c], signed=" - " in c) for c in header) + " |")
+        lines.append(_markdown_row(_cell(row[c], signed=" - " in c) for c in header))
     summary = ["mean +/- sd", ""]
     for column in header[2:]:
         values = [row[column] for row in rows if row[column] is not None]
@@ -143,7 +152,7 @@ def compare_table(
             summary.append(_mean_sd(values))
         else:
             summary.append(f"{np.mean(values):.2f}" if values else "-")
-    lines.append("| " + " | ".join(summary) + " |")
+    lines.append(_markdown_row(summary))
     return "\n".join(lines), rows
 
 
@@ -185,17 +194,17 @@ def candidate_table(
     for name, key, bar_value, values in runs:
         row = {"condition": name, "target": key[0], "seed": key[1], bar: bar_value}
         row.update({f"step {s} - {bar}": _minus(values.get(s), bar_value) for s in steps})
-        rows.append({c: (round(100 * v, 2) + 0.0 if isinstance(v, float) else v) for c, v in row.items()})
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        rows.append(_percent(row))
+    lines = [_markdown_row(header), "|" + "---|" * len(header)]
     for name in conditions:
         mine = [row for row in rows if row["condition"] == name]
-        lines += ["| " + " | ".join(_cell(row[c], signed=" - " in c) for c in header) + " |" for row in mine]
+        lines += [_markdown_row(_cell(row[c], signed=" - " in c) for c in header) for row in mine]
         summary = [name, "mean +/- sd (seeds above)", "", ""]
         for column in header[4:]:
             values = [row[column] for row in mine if row[column] is not None]
             above = f" ({sum(v > 0 for v in values)}/{len(values)})" if values else ""
             summary.append(_mean_sd(values) + above)
-        lines.append("| " + " | ".join(summary) + " |")
+        lines.append(_markdown_row(summary))
     return "\n".join(lines), rows
 
 
@@ -242,6 +251,8 @@ def write_comparison(
     differences = setting_differences(conditions)
     parts += ["", "Settings that differ:" if differences else "No setting differs (same code, same overrides).", ""]
     parts += [f"- `{key}`: " + "; ".join(f"{n} {v}" for n, v in per.items()) for key, per in differences.items()]
+    candidates = [r for records in conditions.values() for r in records if r.get("method") == method]
+    has_candidates = any(r.get("selection_table") for r in candidates)
     tables = {}
     for metric in metrics:
         markdown, tables[metric] = compare_table(conditions, metric, method, rules, bar, baselines=extra)
@@ -250,7 +261,7 @@ def write_comparison(
         parts.append(markdown)
         if any("oracle*" in row for row in tables[metric]):
             parts += ["", "\\* reads target labels (target-supervised upper bound)."]
-        if any(r.get("method") == method and r.get("selection_table") for rs in conditions.values() for r in rs):
+        if has_candidates:
             markdown, tables[f"steps_{metric}"] = candidate_table(conditions, metric, method, bar, baselines=extra)
             parts += ["", f"### {title}: each evaluated candidate minus {bar}, by training step", "", markdown]
     text = "\n".join(parts) + "\n"
